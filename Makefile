@@ -1,0 +1,34 @@
+# Fresh-machine entry points. `make test` and `make demo` create .venv and install on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# torch/torchvision are pinned here (not in pyproject) so a plain `pip install .` elsewhere may pick the
+# build matching its own CUDA; these two releases install from the local wheel cache on our machines.
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install test test-all demo lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m ''
+
+demo: $(STAMP)
+	$(VENV)/bin/accelerate launch --cpu --num_processes 1 pipeline/pretrain.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check pipeline tests bench
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

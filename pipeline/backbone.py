@@ -1,0 +1,104 @@
+"""The frozen CLIP backbone: the only module that builds open_clip models.
+
+Any open_clip architecture works (``open_clip.list_models()``), with a pretrained tag, a local
+checkpoint file, or random weights. The tiny architectures in ``pipeline/model_configs`` are
+registered in-process (open_clip's own config search path; nothing is written anywhere) so tests and
+the demo never download anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import open_clip
+import torch
+from torch import nn
+
+from pipeline.config import BackboneConfig
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+TINY_ARCHS = tuple(sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json")))
+
+_DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def register_tiny_archs() -> None:
+    """Make the in-repo architectures (``tiny-vit``, ``tiny-vit-s``...) known to open_clip. Idempotent."""
+    if not set(TINY_ARCHS) <= set(open_clip.list_models()):
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+@dataclass
+class Backbone:
+    """A frozen open_clip model with its preprocessing and tokenizer."""
+
+    model: nn.Module
+    """The open_clip ``CLIP``/``CustomTextCLIP`` in eval mode, ``requires_grad=False`` everywhere."""
+    preprocess_train: Callable
+    """open_clip's training transform (random resized crop) for PIL images."""
+    preprocess_val: Callable
+    """open_clip's evaluation transform (resize + center crop) for PIL images."""
+    tokenizer: Callable
+    """open_clip tokenizer for this architecture (text -> ``[n, context_length]`` token ids)."""
+    name: str
+    """Architecture name."""
+    pretrained: str
+    """Pretrained tag or checkpoint path the weights came from (``""`` for random)."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def load_backbone(cfg: BackboneConfig, device: str | torch.device = "cpu") -> Backbone:
+    """Build the frozen backbone described by ``cfg`` on ``device``.
+
+    ``cfg.pretrained`` is an open_clip tag (downloaded into ``cfg.cache_dir`` by open_clip), a path to
+    a local checkpoint (open_clip state dict or open_clip_train checkpoint, loaded with
+    ``weights_only=True``), or ``""`` for random weights.
+    """
+    register_tiny_archs()
+    pretrained = cfg.pretrained or None
+    if pretrained is not None and _looks_like_path(pretrained) and not Path(pretrained).is_file():
+        raise FileNotFoundError(f"backbone.pretrained={pretrained!r}: no such checkpoint file")
+    if pretrained is not None and not Path(pretrained).is_file():
+        tags = open_clip.list_pretrained_tags_by_model(cfg.arch)
+        if tags and pretrained not in tags:
+            raise ValueError(f"backbone.pretrained={pretrained!r} is not a tag of {cfg.arch} (known: {tags})")
+    if cfg.arch not in open_clip.list_models() and not cfg.arch.startswith(("hf-hub:", "local-dir:")):
+        raise ValueError(f"backbone.arch={cfg.arch!r} is not an open_clip architecture")
+    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+        cfg.arch,
+        pretrained=pretrained,
+        device=device,
+        force_quick_gelu=cfg.force_quick_gelu,
+        cache_dir=cfg.cache_dir or None,
+    )
+    model = model.to(dtype=_DTYPES[cfg.precision])
+    freeze(model)
+    return Backbone(
+        model=model,
+        preprocess_train=preprocess_train,
+        preprocess_val=preprocess_val,
+        tokenizer=open_clip.get_tokenizer(cfg.arch),
+        name=cfg.arch,
+        pretrained=cfg.pretrained,
+    )
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode and no gradients for every backbone weight (dropout off; the backbone never trains)."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _looks_like_path(s: str) -> bool:
+    return "/" in s or s.endswith((".pt", ".pth", ".bin", ".safetensors", ".npz"))
