@@ -1,0 +1,34 @@
+"""``pipeline <command> [args]``: one entry point dispatching to the stage modules' ``main(argv)``.
+
+Commands are listed explicitly (no registration by import side effects); each module is imported
+only when its command runs, so ``pipeline --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "write-shards": ("pipeline.data.shard_writer", "pack images + captions into webdataset shards"),
+    "demo-data": ("pipeline.data.demo", "build the bundled digits demo data and backbone"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: pipeline <command> [args...]\n\ncommands:")
+        for name, (_, doc) in COMMANDS.items():
+            print(f"  {name:<14} {doc}")
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"pipeline: unknown command {name!r}; known: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

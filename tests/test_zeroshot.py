@@ -1,0 +1,52 @@
+"""Zero-shot classifier from one template or an ensemble, against open_clip directly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import PromptConfig
+from pipeline.prompts import PromptedCLIP
+from pipeline.zeroshot import FrozenTextCache, zeroshot_logits, zeroshot_weights
+
+CLASSES = ["zero", "one", "two"]
+TEMPLATES = ("a photo of a {}.", "a drawing of the number {}.", "{}")
+
+
+def test_single_template_matches_open_clip(tiny_backbone):
+    model = PromptedCLIP(tiny_backbone, PromptConfig(type="none"))
+    w = zeroshot_weights(model, CLASSES, TEMPLATES[:1])
+    with torch.no_grad():
+        ref = tiny_backbone.model.encode_text(tiny_backbone.tokenizer([f"a photo of a {c}." for c in CLASSES]))
+    assert torch.allclose(w, F.normalize(ref, dim=-1), atol=1e-6)
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        img = F.normalize(tiny_backbone.model.encode_image(x), dim=-1)
+        expected = tiny_backbone.model.logit_scale.exp() * img @ w.t()
+    assert torch.allclose(zeroshot_logits(model, x, w), expected, atol=1e-5)
+
+
+def test_ensemble_is_normalised_mean(tiny_backbone):
+    model = PromptedCLIP(tiny_backbone, PromptConfig(type="none"))
+    per_template = torch.stack([zeroshot_weights(model, CLASSES, (t,)) for t in TEMPLATES])  # [T, C, D]
+    w = zeroshot_weights(model, CLASSES, TEMPLATES)
+    assert torch.allclose(w, F.normalize(per_template.mean(0), dim=-1), atol=1e-6)
+    assert torch.allclose(w.norm(dim=-1), torch.ones(len(CLASSES)), atol=1e-6)
+
+
+def test_bad_templates(tiny_backbone):
+    model = PromptedCLIP(tiny_backbone, PromptConfig(type="none"))
+    with pytest.raises(ValueError, match="placeholder"):
+        zeroshot_weights(model, CLASSES, ("a photo",))
+    with pytest.raises(ValueError, match="at least one"):
+        zeroshot_weights(model, CLASSES, ())
+
+
+def test_frozen_text_cache(tiny_backbone):
+    model = PromptedCLIP(tiny_backbone, PromptConfig(type="none"))
+    cache = FrozenTextCache(model, TEMPLATES[:2], size=1)
+    a = cache(CLASSES)
+    assert cache(CLASSES) is a
+    cache(["x"])
+    assert cache(CLASSES) is not a and torch.equal(cache(CLASSES), a)
