@@ -89,7 +89,7 @@ def test_deep_prompts_act_at_layer_5(tiny_backbone, key):
     x = _images(2)
     with torch.no_grad():
         ref = model.logits(x, CLASSES, base)
-        for layer, must_change in [(5, True), (8, True)]:
+        for layer in (5, 8):  # 8 = the deepest prompted layer at depth 9
             changed = {k: v.clone() for k, v in base.items()}
             changed[key][layer] += 0.5 * torch.randn_like(changed[key][layer])
             out = model.logits(x, CLASSES, changed)
