@@ -15,6 +15,7 @@ back into the frozen dataclasses, so code downstream gets plain typed Python obj
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -81,6 +82,9 @@ class ModelConfig:
     seed: int = 1
     """Seed for prompt initialisation."""
 
+    def validate(self) -> None:
+        validate_model(self)
+
 
 PROMPT_TYPES = ("none", "coop", "vpt", "ivlp")
 PRECISIONS = ("fp32", "fp64", "bf16", "fp16")
@@ -104,9 +108,31 @@ def validate_model(cfg: ModelConfig) -> None:
         raise ConfigError("prompts.n_ctx_text must be >= 1 when prompts.init_words is empty")
 
 
-# Which schema each folder under configs/ holds. Stage configs register here explicitly.
-SCHEMAS: dict[str, type] = {"model": ModelConfig}
-VALIDATORS: dict[type, Any] = {ModelConfig: validate_model}
+# Which schema each folder under configs/ holds ("module:Class", imported on use so that stage modules
+# can define their own configs without import cycles). Listed explicitly, never filled by side effects.
+SCHEMAS: dict[str, str] = {
+    "model": "pipeline.config:ModelConfig",
+    "cluster": "pipeline.cluster:ClusterConfig",
+}
+
+
+def schema_for(folder: str) -> type:
+    """The config dataclass for YAMLs under ``configs/<folder>/``."""
+    if folder not in SCHEMAS:
+        raise ConfigError(f"configs/{folder}: no schema registered in pipeline.config.SCHEMAS")
+    module, name = SCHEMAS[folder].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _validate(obj: Any) -> None:
+    """Run ``validate()`` on every nested config that defines one (value checks beyond types)."""
+    if not dataclasses.is_dataclass(obj):
+        return
+    for f in dataclasses.fields(obj):
+        _validate(getattr(obj, f.name))
+    check = getattr(obj, "validate", None)
+    if callable(check):
+        check()
 
 
 def load_config(schema: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
@@ -138,9 +164,7 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or ""
         raise ConfigError(f"missing or invalid value for {key!r}: {_first_line(e)}") from None
-    validator = VALIDATORS.get(schema)
-    if validator is not None:
-        validator(obj)
+    _validate(obj)
     return obj
 
 
@@ -156,9 +180,7 @@ def from_dict(schema: type[T], data: dict[str, Any]) -> T:
         obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise ConfigError(f"invalid key {getattr(e, 'full_key', '')!r}: {_first_line(e)}") from None
-    validator = VALIDATORS.get(schema)
-    if validator is not None:
-        validator(obj)
+    _validate(obj)
     return obj
 
 

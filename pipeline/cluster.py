@@ -1,0 +1,206 @@
+"""``pipeline cluster``: fit domains and concepts on extracted features, assign every shard, summarise.
+
+Modes (``mode=...``):
+- ``all``: fit on a sample, assign every shard, write the summary (single job);
+- ``fit``: fit on a sample and write ``hierarchy.npz`` only;
+- ``assign``: assign one shard (``shard=<i>``, the i-th finished feature file; an array task) or all;
+- ``summarize``: merge the per-shard assignments into ``concepts.json``, ``summary.md`` and a plot.
+
+Outputs under ``out_dir``: ``hierarchy.npz``, ``assign/<shard>.npz`` (keys, domain, concept, similarity),
+``concepts.json`` (id, domain, name, size, example captions), ``summary.md``, ``concept_sizes.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import ConfigError, load_config
+from pipeline.data.clustering import Hierarchy, KMeansConfig, clean_caption, fit_hierarchy
+from pipeline.data.features import finished_stems, read_features
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Cross-modal hierarchical clustering (DESIGN section 4)."""
+
+    features_dir: str = "runs/features"
+    """Folder of per-shard feature files written by ``pipeline extract``."""
+    out_dir: str = "runs/clusters"
+    """Where the hierarchy, assignments and summary go."""
+    mode: str = "all"
+    """``all``, ``fit``, ``assign`` or ``summarize`` (see the module docstring)."""
+    shard: int = -1
+    """``mode=assign``: index of the feature file to assign (array task id); -1 = every file."""
+    n_domains: int = 16
+    """Level-1 clusters (k-means on caption embeddings)."""
+    concepts_per_domain: int = 32
+    """Level-2 clusters per domain (k-means on joint image+caption embeddings)."""
+    min_points_per_concept: int = 8
+    """A domain with n sampled points gets at most n // this many concepts (no singleton concepts)."""
+    fit_sample: int = 2_000_000
+    """At most this many points (uniformly sampled across shards) are used to fit centroids."""
+    kmeans: KMeansConfig = field(default_factory=KMeansConfig)
+    """k-means settings."""
+    name_max_words: int = 12
+    """Concept names (medoid captions) are cut to this many words."""
+    examples_per_concept: int = 3
+    """Example captions per concept in the summary."""
+    seed: int = 0
+    """Seed of the fit sample."""
+
+    def validate(self) -> None:
+        validate_cluster(self)
+
+
+MODES = ("all", "fit", "assign", "summarize")
+
+
+def validate_cluster(cfg: ClusterConfig) -> None:
+    """Value checks beyond types (called by ``load_config`` through ``ClusterConfig.validate``)."""
+    if cfg.mode not in MODES:
+        raise ConfigError(f"mode={cfg.mode!r}: expected one of {MODES}")
+    for key in ("n_domains", "concepts_per_domain", "min_points_per_concept", "fit_sample"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{key}={getattr(cfg, key)} must be >= 1")
+
+
+def sample_features(features_dir: str, stems: list[str], n: int, seed: int):
+    """Uniform sample (without replacement) of up to ``n`` points across shards: image, text, captions."""
+    counts = []
+    for stem in stems:
+        with np.load(Path(features_dir) / f"{stem}.npz", allow_pickle=False) as z:
+            counts.append(len(z["keys"]))
+    total = sum(counts)
+    if total == 0:
+        raise ValueError(f"{features_dir}: no features to cluster")
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(total, size=min(n, total), replace=False))
+    images, texts, captions = [], [], []
+    offset = 0
+    for stem, count in zip(stems, counts):
+        local = chosen[(chosen >= offset) & (chosen < offset + count)] - offset
+        offset += count
+        if len(local) == 0:
+            continue
+        f = read_features(Path(features_dir) / f"{stem}.npz")
+        images.append(f.image[local].astype(np.float32))
+        texts.append(f.text[local].astype(np.float32))
+        captions.extend(f.captions[local].tolist())
+    return np.concatenate(images), np.concatenate(texts), captions
+
+
+def fit(cfg: ClusterConfig, stems: list[str]) -> Hierarchy:
+    image, text, captions = sample_features(cfg.features_dir, stems, cfg.fit_sample, cfg.seed)
+    if len(image) < cfg.n_domains:
+        raise ConfigError(f"n_domains={cfg.n_domains} exceeds the {len(image)} sampled points")
+    hierarchy = fit_hierarchy(
+        image, text, captions, cfg.n_domains, cfg.concepts_per_domain, cfg.kmeans,
+        cfg.min_points_per_concept, clean=lambda c: clean_caption(c, cfg.name_max_words),
+    )
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hierarchy.save(out / "hierarchy.npz")
+    return hierarchy
+
+
+def assign_shard(cfg: ClusterConfig, hierarchy: Hierarchy, stem: str) -> Path:
+    """Assign one shard's samples; atomic write of ``assign/<stem>.npz``."""
+    f = read_features(Path(cfg.features_dir) / f"{stem}.npz")
+    domain, concept, sim = hierarchy.assign(f.image.astype(np.float32), f.text.astype(np.float32))
+    out = Path(cfg.out_dir) / "assign"
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{stem}.{os.getpid()}.tmp.npz"
+    np.savez(tmp, keys=f.keys, captions=f.captions, domain=domain, concept=concept, sim=sim)
+    tmp.replace(out / f"{stem}.npz")
+    return out / f"{stem}.npz"
+
+
+def summarize(cfg: ClusterConfig, hierarchy: Hierarchy) -> dict:
+    """Concept sizes and example captions over every assignment file; writes json, markdown and a plot."""
+    sizes: Counter = Counter()
+    examples: dict[int, list[str]] = defaultdict(list)
+    files = sorted((Path(cfg.out_dir) / "assign").glob("*.npz"))
+    for path in files:
+        with np.load(path, allow_pickle=False) as z:
+            sizes.update(z["concept"].tolist())
+            order = np.argsort(-z["sim"])  # most typical captions first
+            for i in order:
+                c = int(z["concept"][i])
+                if len(examples[c]) < cfg.examples_per_concept:
+                    examples[c].append(str(z["captions"][i]))
+    concepts = [
+        {"id": c, "domain": int(hierarchy.concept_domain[c]), "name": hierarchy.names[c],
+         "size": int(sizes.get(c, 0)), "examples": examples.get(c, [])}
+        for c in range(hierarchy.n_concepts)
+    ]
+    out = Path(cfg.out_dir)
+    (out / "concepts.json").write_text(json.dumps(concepts, indent=1))
+    _write_summary(out, concepts, hierarchy, len(files))
+    return {"concepts": len(concepts), "samples": int(sum(sizes.values())), "shards": len(files)}
+
+
+def _write_summary(out: Path, concepts: list[dict], hierarchy: Hierarchy, n_shards: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = np.array([c["size"] for c in concepts])
+    lines = [
+        "# Concept clustering summary", "",
+        f"{hierarchy.n_domains} domains, {hierarchy.n_concepts} concepts, {int(sizes.sum())} samples from {n_shards} shards.",
+        f"Concept size: min {sizes.min()}, median {int(np.median(sizes))}, max {sizes.max()}.", "",
+        "| concept | domain | size | name | example captions |", "|---|---|---|---|---|",
+    ]
+    for c in sorted(concepts, key=lambda c: -c["size"]):
+        ex = " / ".join(e.replace("|", " ")[:60] for e in c["examples"])
+        lines.append(f"| {c['id']} | {c['domain']} | {c['size']} | {c['name'].replace('|', ' ')} | {ex} |")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(sizes, bins=min(50, max(5, len(sizes) // 4)))
+    ax.set_xlabel("samples per concept")
+    ax.set_ylabel("concepts")
+    ax.set_title("Concept size distribution")
+    fig.tight_layout()
+    fig.savefig(out / "concept_sizes.png", dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pipeline cluster", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None, help="YAML delta over ClusterConfig")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    args = parser.parse_args(argv)
+    cfg = load_config(ClusterConfig, args.config, args.overrides)
+    stems = finished_stems(cfg.features_dir)
+    if not stems:
+        raise SystemExit(f"pipeline cluster: no finished feature files in {cfg.features_dir}")
+    out = Path(cfg.out_dir)
+    if cfg.mode in ("all", "fit"):
+        hierarchy = fit(cfg, stems)
+        print(f"fitted {hierarchy.n_domains} domains, {hierarchy.n_concepts} concepts -> {out / 'hierarchy.npz'}")
+        if cfg.mode == "fit":
+            return 0
+    else:
+        hierarchy = Hierarchy.load(out / "hierarchy.npz")
+    if cfg.mode in ("all", "assign"):
+        if cfg.shard >= len(stems):
+            raise SystemExit(f"pipeline cluster: shard={cfg.shard} but only {len(stems)} feature files")
+        for stem in stems if cfg.shard < 0 else [stems[cfg.shard]]:
+            assign_shard(cfg, hierarchy, stem)
+        if cfg.mode == "assign":
+            return 0
+    stats = summarize(cfg, hierarchy)
+    print(f"summary: {stats} -> {out / 'summary.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

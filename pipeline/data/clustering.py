@@ -1,0 +1,180 @@
+"""Cross-modal hierarchical clustering of frozen CLIP features into domains and concepts (GRAM tasks).
+
+Level 1 (*domains*): spherical k-means on caption embeddings ``t``.
+Level 2 (*concepts*): inside each domain, spherical k-means on the joint embedding
+``normalize([u; t])`` (image and caption together), so a concept is a pseudo-class that looks alike
+*and* is described alike.
+
+Centroids are fitted on a sample (``fit_sample`` points); every sample is then assigned shard by shard
+with exact nearest-centroid search, which is linear in the data and embarrassingly parallel (one array
+task per shard). k-means is faiss's (k-means++ init, several restarts), never an O(n^2) method.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import faiss
+import numpy as np
+
+
+@dataclass(frozen=True)
+class KMeansConfig:
+    """k-means settings shared by both levels."""
+
+    niter: int = 25
+    """Lloyd iterations per run."""
+    nredo: int = 2
+    """Restarts; the run with the best objective is kept."""
+    seed: int = 0
+    """Seed of the k-means initialisation."""
+    max_points_per_centroid: int = 512
+    """faiss subsamples the training set to k * this many points (bounds fit time at scale)."""
+
+
+def l2n(x: np.ndarray) -> np.ndarray:
+    """Row-wise L2 normalisation in float32."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def joint_embedding(image: np.ndarray, text: np.ndarray) -> np.ndarray:
+    """``normalize([u; t])``: ``[n, d_u + d_t]`` float32."""
+    return l2n(np.concatenate([l2n(image), l2n(text)], axis=1))
+
+
+def kmeans_fit(x: np.ndarray, k: int, cfg: KMeansConfig) -> np.ndarray:
+    """Spherical k-means centroids ``[k, d]`` of the rows of ``x`` (normalised internally)."""
+    x = np.ascontiguousarray(l2n(x))
+    if k < 1 or len(x) < k:
+        raise ValueError(f"k-means needs 1 <= k <= n points (k={k}, n={len(x)})")
+    if k == 1:
+        return l2n(x.mean(axis=0, keepdims=True))
+    km = faiss.Kmeans(
+        x.shape[1], k, niter=cfg.niter, nredo=cfg.nredo, seed=cfg.seed, spherical=True, verbose=False,
+        max_points_per_centroid=cfg.max_points_per_centroid, min_points_per_centroid=1,
+        init_method=faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS,
+    )
+    km.train(x)
+    return np.ascontiguousarray(km.centroids, dtype=np.float32)
+
+
+def nearest(x: np.ndarray, centroids: np.ndarray, batch: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Index ``[n]`` and cosine similarity ``[n]`` of each row's nearest centroid (batched, exact)."""
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    ids = np.empty(len(x), dtype=np.int64)
+    sims = np.empty(len(x), dtype=np.float32)
+    for s in range(0, len(x), batch):
+        d, i = index.search(np.ascontiguousarray(l2n(x[s : s + batch])), 1)
+        ids[s : s + batch], sims[s : s + batch] = i[:, 0], d[:, 0]
+    return ids, sims
+
+
+@dataclass
+class Hierarchy:
+    """Fitted domains and concepts. Concept ids are global; ``concept_domain[c]`` is c's domain."""
+
+    domain_centroids: np.ndarray  # [D, d_t]
+    concept_centroids: np.ndarray  # [C, d_u + d_t]
+    concept_domain: np.ndarray  # [C] int
+    names: list[str]  # [C] concept names (cleaned medoid captions)
+
+    @property
+    def n_domains(self) -> int:
+        return len(self.domain_centroids)
+
+    @property
+    def n_concepts(self) -> int:
+        return len(self.concept_centroids)
+
+    def assign(self, image: np.ndarray, text: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Domain ``[n]``, concept ``[n]`` (global id, inside that domain) and joint similarity ``[n]``."""
+        domain, _ = nearest(text, self.domain_centroids)
+        joint = joint_embedding(image, text)
+        concept = np.full(len(joint), -1, dtype=np.int64)
+        sim = np.zeros(len(joint), dtype=np.float32)
+        for d in np.unique(domain):  # one search per domain against its own concepts only
+            rows = np.flatnonzero(domain == d)
+            ids = np.flatnonzero(self.concept_domain == d)
+            local, s = nearest(joint[rows], self.concept_centroids[ids])
+            concept[rows], sim[rows] = ids[local], s
+        return domain, concept, sim
+
+    def save(self, path: str | Path) -> None:
+        """Write ``hierarchy.npz`` (arrays) atomically; names go in as a JSON string."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(
+            tmp, domain_centroids=self.domain_centroids, concept_centroids=self.concept_centroids,
+            concept_domain=self.concept_domain, names=np.array(json.dumps(self.names)),
+        )
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Hierarchy:
+        with np.load(path, allow_pickle=False) as z:
+            return cls(z["domain_centroids"], z["concept_centroids"], z["concept_domain"],
+                       json.loads(str(z["names"])))
+
+
+def fit_hierarchy(
+    image: np.ndarray,
+    text: np.ndarray,
+    captions: list[str],
+    n_domains: int,
+    concepts_per_domain: int,
+    cfg: KMeansConfig = KMeansConfig(),
+    min_points_per_concept: int = 2,
+    clean: Callable[[str], str] | None = None,
+) -> Hierarchy:
+    """Fit domains on ``text`` and, per domain, concepts on the joint embedding.
+
+    A domain with ``n`` points gets ``min(concepts_per_domain, n // min_points_per_concept)`` concepts, so
+    small domains are not shattered into singletons. Concept names are the cleaned caption of the sample
+    point nearest each concept centroid (the medoid within the fitted sample).
+    """
+    if not (len(image) == len(text) == len(captions)):
+        raise ValueError(f"length mismatch: {len(image)} images, {len(text)} texts, {len(captions)} captions")
+    clean = clean or clean_caption
+    domain_centroids = kmeans_fit(text, n_domains, cfg)
+    domain, _ = nearest(text, domain_centroids)
+    joint = joint_embedding(image, text)
+    centroids, owners, names = [], [], []
+    for d in range(n_domains):
+        rows = np.flatnonzero(domain == d)
+        if len(rows) == 0:
+            continue  # an empty domain gets no concepts; no sample can be assigned to it by construction
+        k = max(1, min(concepts_per_domain, len(rows) // max(1, min_points_per_concept)))
+        c = kmeans_fit(joint[rows], k, KMeansConfig(cfg.niter, cfg.nredo, cfg.seed + d, cfg.max_points_per_centroid))
+        medoid = np.argmax(joint[rows] @ c.T, axis=0)  # [k]: best sample per centroid
+        centroids.append(c)
+        owners.extend([d] * k)
+        names.extend(clean(captions[rows[m]]) for m in medoid)
+    return Hierarchy(domain_centroids, np.concatenate(centroids), np.asarray(owners, dtype=np.int64), names)
+
+
+_URL = re.compile(r"https?://\S+|www\.\S+")
+_TAG = re.compile(r"<[^>]+>")
+_NONPRINT = re.compile(r"[^\w\s'\-,&/]+", re.UNICODE)
+
+
+def clean_caption(text: str, max_words: int = 12) -> str:
+    """A concept name from a caption: no URLs/markup/odd symbols, collapsed spaces, at most ``max_words``."""
+    text = _TAG.sub(" ", _URL.sub(" ", text))
+    text = _NONPRINT.sub(" ", text).replace("_", " ")
+    words = text.split()[:max_words]
+    name = " ".join(words).strip(" ,-/&'").lower()
+    return name or "thing"
+
+
+def fit_name_to_tokens(name: str, count_tokens: Callable[[str], int], budget: int) -> str:
+    """Drop trailing words until ``count_tokens(name) <= budget`` (prompt tokens + name must fit)."""
+    words = name.split()
+    while len(words) > 1 and count_tokens(" ".join(words)) > budget:
+        words.pop()
+    return " ".join(words)

@@ -1,0 +1,128 @@
+"""Typed configs of the meta-learning core: regulator, losses, and the bi-level step.
+
+Frozen dataclasses in the style of :mod:`pipeline.config`: every default lives here once, with a
+docstring per field; stage configs nest them (``regulator``, ``loss``, ``meta``) and YAML files only
+hold deltas. Each class has a ``validate_*`` function for value checks that types cannot express;
+:func:`validate_meta_learning` runs all three.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.config import ConfigError
+
+REGULATOR_KINDS = ("modulate", "transform", "none", "constant")
+
+
+@dataclass(frozen=True)
+class RegulatorConfig:
+    """The gradient regulator (DESIGN section 4); identical in stage 1 and stage 2."""
+
+    kind: str = "modulate"
+    """``modulate`` (``G = g + gamma(g, r) * r``, ProMetaR form), ``transform`` (norm-preserving learned
+    direction change of ``g + r`` with a learned gate, GRAM form), ``none`` (``G = g + r``, regulator
+    off) or ``constant`` (``G = g + constant_gamma * r``, fixed gamma)."""
+    hidden: int = 256
+    """Hidden width of the regulator MLP (shared across token positions, one MLP per prompt key).
+    256 gives ~0.99M parameters for ViT-B/16 IVLP 4+4 tokens depth 9."""
+    gamma_init: float = 0.5
+    """``modulate``: gamma of every element at initialisation (last layer zero, bias ``logit(gamma_init)``),
+    so an untrained regulator equals ``constant`` with this value."""
+    constant_gamma: float = 0.5
+    """``constant``: the fixed gamma multiplying the regularizer gradient."""
+    gate_init: float = 0.5
+    """``transform``: initial value of the per-layer gate ``c`` in (0, 1). The direction network starts
+    as the identity, so the initial regulated gradient is ``g + r`` whatever this value."""
+    eps: float = 1e-12
+    """Added to gradient row norms before dividing (rows with zero gradient stay finite)."""
+    lr: float = 1e-3
+    """Outer (meta) learning rate of the regulator parameters: an explicit value, never tied to a
+    warmup constant. The entry point's scheduler multiplies it."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW) of the regulator parameters."""
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Task loss, knowledge-preservation regularizer and mixup (DESIGN sections 4 and 5)."""
+
+    weight_text: float = 50.0
+    """lambda_txt: weight of ``mean |g_theta(c) - g_0(c)|`` (normalised prompted vs frozen text features)."""
+    weight_image: float = 20.0
+    """lambda_img: weight of ``mean |f_theta(x) - f_0(x)|`` (normalised prompted vs frozen image features)."""
+    mixup: bool = True
+    """Outer loss on manifold-mixup virtual tasks (query image features mixed with support image
+    features); plain query cross-entropy when false."""
+    mixup_alpha: float = 0.5
+    """First parameter a of the mixup coefficient distribution ``lambda ~ Beta(a, b)``."""
+    mixup_beta: float = 0.5
+    """Second parameter b of ``lambda ~ Beta(a, b)``."""
+
+
+@dataclass(frozen=True)
+class MetaConfig:
+    """The bi-level step: inner adaptation on the support set, outer loss on the query set."""
+
+    meta_step: bool = True
+    """Run the meta step. False (ablation): stage 2 is the regularized step alone; stage 1 evaluates
+    the outer loss at the unadapted prompts (no inner step, the regulator gets no gradient)."""
+    inner_steps: int = 1
+    """Number of inner gradient steps ``theta <- theta - inner_lr * G(theta; S)``."""
+    inner_lr: float = 5e-4
+    """Inner learning rate alpha."""
+    first_order: bool = False
+    """Treat inner gradients as constants (no second-order terms; cheaper). The regulator still gets a
+    meta-gradient through ``gamma`` (the inner update depends on it)."""
+    outer_weight: float = 1.0
+    """Multiplier of the outer (query) loss."""
+    n_query_classes: int = 1
+    """Stage 2: classes of the batch held out as the query set (capped so the support keeps one class)."""
+    log_query_before: bool = False
+    """Also compute the query loss at the unadapted prompts (one extra no-grad forward) for logging."""
+
+
+def validate_regulator(cfg: RegulatorConfig, prefix: str = "regulator") -> None:
+    if cfg.kind not in REGULATOR_KINDS:
+        raise ConfigError(f"{prefix}.kind={cfg.kind!r}: expected one of {REGULATOR_KINDS}")
+    if cfg.hidden < 1:
+        raise ConfigError(f"{prefix}.hidden={cfg.hidden} must be >= 1")
+    for key in ("gamma_init", "gate_init"):
+        value = getattr(cfg, key)
+        if not 0.0 < value < 1.0:
+            raise ConfigError(f"{prefix}.{key}={value} must be in (0, 1)")
+    if not 0.0 <= cfg.constant_gamma:
+        raise ConfigError(f"{prefix}.constant_gamma={cfg.constant_gamma} must be >= 0")
+    if cfg.eps <= 0:
+        raise ConfigError(f"{prefix}.eps={cfg.eps} must be > 0")
+    if cfg.lr < 0 or cfg.weight_decay < 0:
+        raise ConfigError(f"{prefix}.lr and {prefix}.weight_decay must be >= 0")
+
+
+def validate_loss(cfg: LossConfig, prefix: str = "loss") -> None:
+    for key in ("weight_text", "weight_image"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{prefix}.{key}={getattr(cfg, key)} must be >= 0")
+    for key in ("mixup_alpha", "mixup_beta"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{prefix}.{key}={getattr(cfg, key)} must be > 0")
+
+
+def validate_meta(cfg: MetaConfig, prefix: str = "meta") -> None:
+    if cfg.inner_steps < 0:
+        raise ConfigError(f"{prefix}.inner_steps={cfg.inner_steps} must be >= 0")
+    if cfg.meta_step and cfg.inner_steps < 1:
+        raise ConfigError(f"{prefix}.inner_steps must be >= 1 when {prefix}.meta_step is true")
+    if cfg.inner_lr < 0:
+        raise ConfigError(f"{prefix}.inner_lr={cfg.inner_lr} must be >= 0")
+    if cfg.outer_weight < 0:
+        raise ConfigError(f"{prefix}.outer_weight={cfg.outer_weight} must be >= 0")
+    if cfg.n_query_classes < 1:
+        raise ConfigError(f"{prefix}.n_query_classes={cfg.n_query_classes} must be >= 1")
+
+
+def validate_meta_learning(regulator: RegulatorConfig, loss: LossConfig, meta: MetaConfig) -> None:
+    """All three checks, with the default key prefixes."""
+    validate_regulator(regulator)
+    validate_loss(loss)
+    validate_meta(meta)
