@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import SCHEMAS, ConfigError, ModelConfig, dump_yaml, from_dict, load_config, schema_for, to_dict
+from pipeline.config import (
+    SCHEMAS,
+    ConfigError,
+    ModelConfig,
+    dump_yaml,
+    from_dict,
+    load_config,
+    schema_for,
+    to_dict,
+)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 YAMLS = sorted(CONFIG_DIR.rglob("*.yaml"))
