@@ -1,0 +1,232 @@
+"""N-way K-shot support/query tasks ("episodes") over the concept clustering (DESIGN section 4).
+
+Images come from the shard *stream*, not from random access: the sampler keeps a bounded buffer of
+recent images per concept and emits an episode as soon as one can be formed. Why buffers and not keyed
+access: shards may be remote (``pipe:``/``s3``/``http``), where seeking to one sample means reading the whole
+tar; streaming reads each shard sequentially at full bandwidth, needs no per-sample index across millions
+of keys, and works unchanged with the resampled, node- and worker-split reader. The price is that an
+episode's images are drawn from what was recently streamed, which the shuffle buffer keeps well mixed.
+
+Each sample's concept is looked up in the per-shard assignment file of the shard it came from
+(``assign/<shard>.npz`` from ``pipeline cluster``), loaded lazily and kept in a small LRU, so memory does
+not grow with the number of samples.
+
+Randomness is seeded per (seed, rank, worker); the stream order is deterministic for a given seed, so the
+same seed gives the same episodes. Whether an episode's query is cross-domain is drawn *before* waiting
+for the buffers, so the cross-domain rate is exactly the configured probability in expectation (no
+fallback that would bias it when one domain fills first).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict, defaultdict, deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pipeline.config import ConfigError
+from pipeline.data.features import shard_stem
+
+
+@dataclass(frozen=True)
+class EpisodeConfig:
+    """Task sampling."""
+
+    n_way: int = 5
+    """Concepts per task."""
+    k_shot: int = 4
+    """Support images per concept."""
+    q_query: int = 4
+    """Query images per concept."""
+    p_cross_domain: float = 0.3
+    """Probability that the query comes from N concepts of another domain (union label space 2N)."""
+    buffer_per_concept: int = 32
+    """Most recent images kept per concept (bounds memory: concepts x this x image size)."""
+    assignment_cache: int = 64
+    """Per-shard assignment files kept in memory (LRU)."""
+
+    def validate(self) -> None:
+        for key in ("n_way", "k_shot", "q_query"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"episodes.{key}={getattr(self, key)} must be >= 1")
+        if not 0.0 <= self.p_cross_domain <= 1.0:
+            raise ConfigError(f"episodes.p_cross_domain={self.p_cross_domain} must be in [0, 1]")
+        if self.buffer_per_concept < self.k_shot + self.q_query:
+            raise ConfigError(
+                f"episodes.buffer_per_concept={self.buffer_per_concept} must be >= k_shot + q_query "
+                f"({self.k_shot + self.q_query})"
+            )
+
+
+@dataclass
+class Episode:
+    """One task. Labels index ``classnames``; the support uses ``classnames[:n_way]``.
+
+    Same-domain query: ``classnames`` has N names and query labels are in ``0..N-1``.
+    Cross-domain query: ``classnames`` = support names + the query concepts' names (2N), query labels in
+    ``N..2N-1``; the outer loss is computed in this union label space.
+    """
+
+    support_images: Tensor  # [N*K, C, H, W]
+    support_labels: Tensor  # [N*K] in 0..N-1
+    query_images: Tensor  # [N*Q, C, H, W]
+    query_labels: Tensor  # [N*Q]
+    classnames: list[str]
+    support_keys: list[str]
+    query_keys: list[str]
+    domains: tuple[int, int]  # (support domain, query domain)
+
+    @property
+    def n_way(self) -> int:
+        return int(self.support_labels.max()) + 1
+
+    @property
+    def cross_domain(self) -> bool:
+        return self.domains[0] != self.domains[1]
+
+
+class ConceptTable:
+    """Concept metadata (domain, name, size) and lazily loaded per-shard key -> concept lookups."""
+
+    def __init__(self, clusters_dir: str | Path, min_size: int, cache: int = 64):
+        self.dir = Path(clusters_dir)
+        concepts = json.loads((self.dir / "concepts.json").read_text())
+        self.domain = {c["id"]: c["domain"] for c in concepts}
+        self.name = {c["id"]: c["name"] for c in concepts}
+        self.eligible = {c["id"] for c in concepts if c["size"] >= min_size}
+        self.by_domain: dict[int, list[int]] = defaultdict(list)
+        for c in sorted(self.eligible):
+            self.by_domain[self.domain[c]].append(c)
+        self._cache: OrderedDict[str, dict[str, int]] = OrderedDict()
+        self._cache_size = cache
+
+    def concept_of(self, url: str, key: str) -> int:
+        """Concept id of sample ``key`` from shard ``url`` (-1 when the shard has no assignment)."""
+        stem = shard_stem(url)
+        table = self._cache.get(stem)
+        if table is None:
+            path = self.dir / "assign" / f"{stem}.npz"
+            table = {}
+            if path.exists():
+                with np.load(path, allow_pickle=False) as z:
+                    table = dict(zip(z["keys"].tolist(), z["concept"].tolist()))
+            self._cache[stem] = table
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(stem)
+        return table.get(key, -1)
+
+    def check(self, cfg: EpisodeConfig) -> None:
+        """Fail before training when the clustering cannot provide the configured tasks."""
+        widest = max((len(v) for v in self.by_domain.values()), default=0)
+        if widest < cfg.n_way:
+            raise ConfigError(
+                f"episodes.n_way={cfg.n_way} but the largest domain has only {widest} concepts with >= "
+                f"k_shot + q_query = {cfg.k_shot + cfg.q_query} samples (clusters in {self.dir})"
+            )
+        ready = [d for d, v in self.by_domain.items() if len(v) >= cfg.n_way]
+        if cfg.p_cross_domain > 0 and len(ready) < 2:
+            raise ConfigError(
+                f"episodes.p_cross_domain={cfg.p_cross_domain} needs >= 2 domains with n_way={cfg.n_way} "
+                f"eligible concepts; found {len(ready)}"
+            )
+
+
+class EpisodeSampler:
+    """Turns a stream of samples ``{"__key__", "__url__", "image"}`` into :class:`Episode` s."""
+
+    def __init__(self, table: ConceptTable, cfg: EpisodeConfig, seed: int):
+        table.check(cfg)
+        self.table, self.cfg = table, cfg
+        self.rng = np.random.default_rng(seed)
+        self.buffers: dict[int, deque] = defaultdict(lambda: deque(maxlen=cfg.buffer_per_concept))
+        self.unassigned = 0  # samples whose key has no (eligible) concept
+
+    def __call__(self, samples: Iterable[dict]) -> Iterator[Episode]:
+        pending_cross = self._draw_cross()
+        for sample in samples:
+            concept = self.table.concept_of(sample["__url__"], sample["__key__"])
+            if concept not in self.table.eligible:
+                self.unassigned += 1
+                continue
+            buf = self.buffers[concept]
+            if any(key == sample["__key__"] for key, _ in buf):
+                continue  # resampling streams the same image again: a duplicate could land in S and Q
+            buf.append((sample["__key__"], sample["image"]))
+            if len(buf) < self.cfg.q_query:
+                continue  # this insert cannot have completed a task: skip the scan over concepts
+            episode = self._try_emit(pending_cross)
+            if episode is not None:
+                yield episode
+                pending_cross = self._draw_cross()
+
+    def _draw_cross(self) -> bool:
+        return bool(self.rng.random() < self.cfg.p_cross_domain)
+
+    def _ready(self, domain: int, need: int) -> list[int]:
+        """Eligible concepts of ``domain`` with at least ``need`` buffered images, distinct names."""
+        seen, out = set(), []
+        for c in self.table.by_domain[domain]:
+            if len(self.buffers.get(c, ())) >= need and self.table.name[c] not in seen:
+                seen.add(self.table.name[c])
+                out.append(c)
+        return out
+
+    def _try_emit(self, cross: bool) -> Episode | None:
+        cfg = self.cfg
+        n, k, q = cfg.n_way, cfg.k_shot, cfg.q_query
+        need = k if cross else k + q
+        support_domains = [d for d in self.table.by_domain if len(self._ready(d, need)) >= n]
+        if not support_domains:
+            return None
+        d_s = int(self.rng.choice(sorted(support_domains)))
+        s_concepts = [int(c) for c in self.rng.choice(self._ready(d_s, need), size=n, replace=False)]
+        names = [self.table.name[c] for c in s_concepts]
+        if cross:
+            # query concepts from another domain, with names distinct from the support's (union label space)
+            candidates = {
+                d: [c for c in self._ready(d, q) if self.table.name[c] not in names]
+                for d in self.table.by_domain if d != d_s
+            }
+            query_domains = sorted(d for d, cs in candidates.items() if len(cs) >= n)
+            if not query_domains:
+                return None
+            d_q = int(self.rng.choice(query_domains))
+            q_concepts = [int(c) for c in self.rng.choice(candidates[d_q], size=n, replace=False)]
+            q_labels = list(range(n, 2 * n))
+            names = names + [self.table.name[c] for c in q_concepts]
+        else:
+            d_q, q_concepts, q_labels = d_s, s_concepts, list(range(n))
+        support = [(lab, self._take(c, k)) for lab, c in enumerate(s_concepts)]  # [N] x K items
+        query = [(lab, self._take(c, q)) for lab, c in zip(q_labels, q_concepts)]
+        return _episode(support, query, names, (d_s, d_q))
+
+    def _take(self, concept: int, count: int) -> list[tuple[str, Tensor]]:
+        """Pop ``count`` random buffered images of ``concept`` (popped: never reused in the same task)."""
+        buf = self.buffers[concept]
+        picks = sorted(self.rng.choice(len(buf), size=count, replace=False).tolist(), reverse=True)
+        items = list(buf)
+        out = [items[i] for i in picks]
+        for i in picks:
+            del items[i]
+        buf.clear()
+        buf.extend(items)
+        return out
+
+
+def _episode(support, query, names, domains) -> Episode:
+    def stack(groups):
+        keys = [key for _, items in groups for key, _ in items]
+        images = torch.stack([img for _, items in groups for _, img in items])  # [N*count, C, H, W]
+        labels = torch.tensor([lab for lab, items in groups for _ in items], dtype=torch.long)
+        return images, labels, keys
+
+    s_img, s_lab, s_keys = stack(support)
+    q_img, q_lab, q_keys = stack(query)
+    return Episode(s_img, s_lab, q_img, q_lab, names, s_keys, q_keys, domains)
