@@ -1,0 +1,187 @@
+"""Everything distributed: the only module touching torch.distributed, accelerate and DeepSpeed.
+
+The meta-learner is *not* wrapped in DDP: DDP does not all-reduce gradients taken with
+``torch.autograd.grad`` or second-order gradients. Instead each rank computes its meta-gradient locally,
+the trainable tensors' gradients are flattened into one buffer and all-reduced (mean) once per outer
+step, and every rank applies the same optimizer step. Parameters are broadcast from rank 0 at start.
+
+accelerate owns launching, device placement, mixed precision and the process group; this module also
+maps SLURM's variables to the torch ones when a job starts one task per GPU with plain ``srun``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import subprocess
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from pipeline.config import ConfigError
+
+
+def slurm_to_torch_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Torch launcher variables derived from SLURM's, for ``srun python ...`` (one task per GPU).
+
+    Returns only what is missing: nothing when RANK is already set (torchrun / accelerate launched us)
+    or when not inside a SLURM step.
+    """
+    env = os.environ if environ is None else environ
+    if "RANK" in env or "SLURM_PROCID" not in env or "SLURM_NTASKS" not in env:
+        return {}
+    out = {
+        "RANK": env["SLURM_PROCID"],
+        "WORLD_SIZE": env["SLURM_NTASKS"],
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+    }
+    if "MASTER_ADDR" not in env:
+        out["MASTER_ADDR"] = first_host(env.get("SLURM_JOB_NODELIST", "localhost"))
+    if "MASTER_PORT" not in env:
+        # a job-specific port, so two jobs sharing a node do not collide
+        out["MASTER_PORT"] = str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+    return out
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a SLURM node list (``node[01-04]`` -> ``node01``) via ``scontrol show hostnames``."""
+    if not any(c in nodelist for c in "[],"):
+        return nodelist
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    return out.stdout.split()[0]
+
+
+class Distributed:
+    """Process group, device and precision for one run, plus the explicit collectives we need.
+
+    Args:
+        mixed_precision: ``no`` | ``bf16`` | ``fp16`` (accelerate's names); bf16 autocast on GPU.
+        cpu: force the CPU even when a GPU is visible.
+        timeout_s: collective timeout; a dead rank ends the job with an error instead of a hang.
+    """
+
+    def __init__(self, mixed_precision: str = "no", cpu: bool = False, timeout_s: float = 600.0):
+        for key, value in slurm_to_torch_env().items():
+            os.environ[key] = value
+        from accelerate import Accelerator
+        from accelerate.utils import InitProcessGroupKwargs
+
+        handler = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=timeout_s))
+        self.accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu, kwargs_handlers=[handler])
+        self.mixed_precision = mixed_precision
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def local_rank(self) -> int:
+        return self.accelerator.local_process_index
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def distributed_type(self) -> str:
+        return str(self.accelerator.distributed_type).split(".")[-1]
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1 and dist.is_available() and dist.is_initialized()
+
+    def autocast(self):
+        """bf16/fp16 autocast on accelerators when configured; a no-op on CPU and in fp32."""
+        if self.mixed_precision == "no" or self.device.type == "cpu":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.mixed_precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def check_backend(self, second_order: bool) -> None:
+        """Fail fast on combinations that cannot work (DESIGN section 7)."""
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if plugin is None:
+            return
+        stage = int(getattr(plugin, "zero_stage", 0) or 0)
+        if stage == 3:
+            raise ConfigError(
+                "DeepSpeed ZeRO-3 partitions parameters across ranks and cannot be combined with the meta-"
+                "learner's functional (second- or first-order) inner loop; use a ZeRO stage 0-2 launcher config "
+                "(launch/accelerate/deepspeed_zero2.yaml)"
+                + (" — second-order meta-gradients were requested" if second_order else "")
+            )
+
+    # ------------------------------------------------------------------ collectives
+    @torch.no_grad()
+    def broadcast_(self, tensors: Iterable[Tensor], src: int = 0) -> None:
+        """Overwrite ``tensors`` in place with rank ``src``'s values (one flat collective)."""
+        tensors = list(tensors)
+        if not self.active or not tensors:
+            return
+        flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
+        dist.broadcast(flat, src=src)
+        _unflatten_into(flat, tensors)
+
+    @torch.no_grad()
+    def all_reduce_mean_(self, tensors: Iterable[Tensor]) -> int:
+        """Average ``tensors`` (e.g. meta-gradients) over ranks in place; returns the payload in bytes.
+
+        One flat fp32 (or fp64, when any input is fp64) buffer means one collective per outer step.
+        """
+        tensors = list(tensors)
+        if not tensors:
+            return 0
+        dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+        flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])  # [sum of numels]
+        if self.active:
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            flat /= self.world_size
+            _unflatten_into(flat, tensors)
+        return flat.numel() * flat.element_size()
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any rank (e.g. a preemption signal on one node)."""
+        if not self.active:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self._collective_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def gather_objects(self, obj) -> list:
+        """Every rank's ``obj`` (small picklable values such as counters), on every rank."""
+        if not self.active:
+            return [obj]
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def shutdown(self) -> None:
+        """Tear down the process group (idempotent)."""
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def _collective_device(self) -> torch.device:
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _unflatten_into(flat: Tensor, tensors: list[Tensor]) -> None:
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset : offset + n].view_as(t).to(t.dtype))
+        offset += n
