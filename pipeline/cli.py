@@ -12,6 +12,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "write-shards": ("pipeline.data.shard_writer", "pack images + captions into webdataset shards"),
     "demo-data": ("pipeline.data.demo", "build the bundled digits demo data and backbone"),
+    "extract": ("pipeline.extract", "embed shards with the frozen backbone (one feature file per shard)"),
+    "cluster": ("pipeline.cluster", "cluster features into domains and concepts; assign every shard"),
 }
 
 

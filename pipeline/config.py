@@ -113,6 +113,7 @@ def validate_model(cfg: ModelConfig) -> None:
 SCHEMAS: dict[str, str] = {
     "model": "pipeline.config:ModelConfig",
     "cluster": "pipeline.cluster:ClusterConfig",
+    "extract": "pipeline.extract:ExtractConfig",
 }
 
 

@@ -46,6 +46,13 @@ def slurm_to_torch_env(environ: Mapping[str, str] | None = None) -> dict[str, st
     return out
 
 
+def array_task_id(environ: Mapping[str, str] | None = None) -> int | None:
+    """This SLURM array task's index, or None outside an array job."""
+    env = os.environ if environ is None else environ
+    value = env.get("SLURM_ARRAY_TASK_ID")
+    return int(value) if value not in (None, "") else None
+
+
 def first_host(nodelist: str) -> str:
     """First host of a SLURM node list (``node[01-04]`` -> ``node01``) via ``scontrol show hostnames``."""
     if not any(c in nodelist for c in "[],"):

@@ -1,0 +1,142 @@
+"""``pipeline extract``: frozen CLIP image + caption embeddings, one feature file per shard.
+
+Usable three ways, all idempotent (a shard with a done marker is skipped; output is written to a temp
+file and renamed, so a killed task leaves nothing that looks finished):
+
+- one process over every shard:           ``pipeline extract urls=/data/{000000..000999}.tar``
+- a SLURM array task per shard (or range): ``pipeline extract urls=... shard=$SLURM_ARRAY_TASK_ID``
+  (``shard=-1`` also picks up ``SLURM_ARRAY_TASK_ID`` from the environment)
+- a multi-process accelerate/torchrun job: rank r takes shards ``r, r + world, ...``.
+
+Images are embedded from the evaluation view (resize + center crop), captions as raw text; both are
+L2-normalised and stored in fp16 with the sample keys and captions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.backbone import load_backbone
+from pipeline.config import BackboneConfig, ConfigError, load_config
+from pipeline.data.config import ShardDataConfig
+from pipeline.data.features import ShardFeatures, is_done, shard_stem, write_features
+from pipeline.data.shards import build_shard_loader, expand_sources
+from pipeline.distributed import Distributed, array_task_id
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Frozen-feature extraction (DESIGN section 4, step 1)."""
+
+    urls: str = ""
+    """Shards to embed (brace expansion; ``::`` separates sources). Feature files are named by shard
+    file name, so shard names must be unique across sources."""
+    out_dir: str = "runs/features"
+    """Folder of ``<shard>.npz`` feature files and ``<shard>.done`` markers."""
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    """The frozen backbone (must match the one used for pretraining)."""
+    batch_size: int = 256
+    """Images per forward pass."""
+    workers: int = 1
+    """Decoding worker processes (one shard is read by one worker; decoding overlaps the forward)."""
+    shard: int = -1
+    """Index of the first shard of this task (array jobs); -1 = ``SLURM_ARRAY_TASK_ID`` when set, else
+    every shard (split across ranks)."""
+    shards_per_task: int = 1
+    """With ``shard >= 0``: how many consecutive shards this task embeds."""
+    cpu: bool = False
+    """Force the CPU even when a GPU is visible."""
+
+    def validate(self) -> None:
+        if not self.urls:
+            raise ConfigError("urls is empty: give the shards to embed")
+        if self.batch_size < 1 or self.shards_per_task < 1 or self.workers < 0:
+            raise ConfigError("batch_size and shards_per_task must be >= 1, workers >= 0")
+
+
+def select_shards(cfg: ExtractConfig, rank: int, world_size: int) -> list[str]:
+    """The shard URLs this process embeds."""
+    shards = [u for source in expand_sources(cfg.urls) for u in source]
+    stems = [shard_stem(u) for u in shards]
+    if len(set(stems)) != len(stems):
+        raise ConfigError("urls: two shards share a file name; feature files would overwrite each other")
+    start = cfg.shard if cfg.shard >= 0 else array_task_id()
+    if start is None:
+        return shards[rank::world_size]
+    first = start * cfg.shards_per_task
+    if first >= len(shards):
+        raise ConfigError(f"shard={start} x shards_per_task={cfg.shards_per_task} is past the {len(shards)} shards")
+    return shards[first : first + cfg.shards_per_task][rank::world_size]
+
+
+@torch.no_grad()
+def embed_shard(url: str, model, preprocess, tokenizer, cfg: ExtractConfig, device) -> tuple[ShardFeatures, dict]:
+    """Embed every readable sample of one shard; returns the features and the reader's counters."""
+    data = ShardDataConfig(urls=url, resampled=False, batch_size=cfg.batch_size, workers=min(cfg.workers, 1),
+                           shuffle_buffer=0)
+    loader = build_shard_loader(data, preprocess=preprocess, tokenizer=tokenizer)
+    keys, captions, images, texts = [], [], [], []
+    for batch in loader:
+        img = model.encode_image(batch["image"].to(device, dtype=_dtype(model)), normalize=True)
+        txt = model.encode_text(batch["text"].to(device), normalize=True)
+        images.append(img.float().cpu().numpy().astype(np.float16))
+        texts.append(txt.float().cpu().numpy().astype(np.float16))
+        keys.extend(batch["key"])
+        captions.extend(batch["caption"])
+    dim = int(model.text_projection.shape[-1]) if hasattr(model, "text_projection") else 0
+    feats = ShardFeatures(
+        np.asarray(keys, dtype=str), np.asarray(captions, dtype=str),
+        np.concatenate(images) if images else np.zeros((0, dim), np.float16),
+        np.concatenate(texts) if texts else np.zeros((0, dim), np.float16),
+    )
+    return feats, loader.stats
+
+
+def _dtype(model) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def run(cfg: ExtractConfig, dist: Distributed | None = None) -> dict:
+    """Embed this process's unfinished shards; returns counts (done, skipped, samples, bad data)."""
+    dist = dist or Distributed(cpu=cfg.cpu)
+    shards = select_shards(cfg, dist.rank, dist.world_size)
+    todo = [u for u in shards if not is_done(cfg.out_dir, shard_stem(u))]
+    report = {"shards": len(shards), "already_done": len(shards) - len(todo), "extracted": 0, "samples": 0}
+    if not todo:
+        return report
+    backbone = load_backbone(cfg.backbone, device=dist.device)
+    out = Path(cfg.out_dir)
+    for url in todo:
+        stem = shard_stem(url)
+        for stale in out.glob(f".{stem}.*.tmp*"):  # left by a task killed mid-write
+            stale.unlink(missing_ok=True)
+        t0 = time.perf_counter()
+        feats, stats = embed_shard(url, backbone.model, backbone.preprocess_val, backbone.tokenizer, cfg, dist.device)
+        write_features(out, stem, feats, meta={**stats, "seconds": round(time.perf_counter() - t0, 3)})
+        report["extracted"] += 1
+        report["samples"] += len(feats)
+        for k, v in stats.items():
+            if k not in ("samples", "shards"):
+                report[k] = report.get(k, 0) + v
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pipeline extract", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None, help="YAML delta over ExtractConfig")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    args = parser.parse_args(argv)
+    cfg = load_config(ExtractConfig, args.config, args.overrides)
+    report = run(cfg)
+    print(f"extract: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
