@@ -28,7 +28,7 @@ def fake_clusters(tmp_path, domains=3, concepts=6, per=30, shards=4, small=()):
     for s, part in enumerate(np.array_split(order, shards)):
         np.savez(tmp_path / "assign" / f"{s:06d}.npz", keys=np.array([rows[i][0] for i in part]),
                  concept=np.array([rows[i][1] for i in part]))
-    stream = [{"__key__": rows[i][0], "__url__": f"/data/{s:06d}.tar", "concept": rows[i][1]}
+    stream = [{"key": rows[i][0], "url": f"/data/{s:06d}.tar", "concept": rows[i][1]}
               for s, part in enumerate(np.array_split(order, shards)) for i in part]
     return stream
 

@@ -139,7 +139,7 @@ class ConceptTable:
 
 
 class EpisodeSampler:
-    """Turns a stream of samples ``{"__key__", "__url__", "image"}`` into :class:`Episode` s."""
+    """Turns a stream of decoded samples ``{"key", "url", "image"}`` into :class:`Episode` s."""
 
     def __init__(self, table: ConceptTable, cfg: EpisodeConfig, seed: int):
         table.check(cfg)
@@ -151,14 +151,14 @@ class EpisodeSampler:
     def __call__(self, samples: Iterable[dict]) -> Iterator[Episode]:
         pending_cross = self._draw_cross()
         for sample in samples:
-            concept = self.table.concept_of(sample["__url__"], sample["__key__"])
+            concept = self.table.concept_of(sample["url"], sample["key"])
             if concept not in self.table.eligible:
                 self.unassigned += 1
                 continue
             buf = self.buffers[concept]
-            if any(key == sample["__key__"] for key, _ in buf):
+            if any(key == sample["key"] for key, _ in buf):
                 continue  # resampling streams the same image again: a duplicate could land in S and Q
-            buf.append((sample["__key__"], sample["image"]))
+            buf.append((sample["key"], sample["image"]))
             if len(buf) < self.cfg.q_query:
                 continue  # this insert cannot have completed a task: skip the scan over concepts
             episode = self._try_emit(pending_cross)
