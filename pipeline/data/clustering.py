@@ -92,18 +92,43 @@ class Hierarchy:
     def n_concepts(self) -> int:
         return len(self.concept_centroids)
 
-    def assign(self, image: np.ndarray, text: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Domain ``[n]``, concept ``[n]`` (global id, inside that domain) and joint similarity ``[n]``."""
-        domain, _ = nearest(text, self.domain_centroids)
-        joint = joint_embedding(image, text)
-        concept = np.full(len(joint), -1, dtype=np.int64)
-        sim = np.zeros(len(joint), dtype=np.float32)
-        for d in np.unique(domain):  # one search per domain against its own concepts only
-            rows = np.flatnonzero(domain == d)
-            ids = np.flatnonzero(self.concept_domain == d)
-            local, s = nearest(joint[rows], self.concept_centroids[ids])
-            concept[rows], sim[rows] = ids[local], s
+    def assign(
+        self, image: np.ndarray, text: np.ndarray, chunk: int = 131072
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Domain ``[n]``, concept ``[n]`` (global id, inside that domain) and joint similarity ``[n]``.
+
+        Processed in chunks of ``chunk`` rows so temporaries stay bounded (a shard of any size fits).
+        """
+        n = len(text)
+        domain = np.empty(n, dtype=np.int64)
+        concept = np.full(n, -1, dtype=np.int64)
+        sim = np.zeros(n, dtype=np.float32)
+        indexes = self._concept_indexes()
+        for s in range(0, n, chunk):
+            part = slice(s, min(n, s + chunk))
+            dom, _ = nearest(text[part], self.domain_centroids)
+            joint = joint_embedding(image[part], text[part])  # [chunk, d_u + d_t]
+            con = np.full(len(dom), -1, dtype=np.int64)
+            sm = np.zeros(len(dom), dtype=np.float32)
+            for d in np.unique(dom):  # one search per domain against its own concepts only
+                rows = np.flatnonzero(dom == d)
+                ids, index = indexes[int(d)]
+                dist, local = index.search(np.ascontiguousarray(joint[rows]), 1)
+                con[rows], sm[rows] = ids[local[:, 0]], dist[:, 0]
+            domain[part], concept[part], sim[part] = dom, con, sm
         return domain, concept, sim
+
+    def _concept_indexes(self) -> dict[int, tuple[np.ndarray, faiss.Index]]:
+        """Per domain: its global concept ids and an exact inner-product index over their centroids."""
+        out = {}
+        for d in range(self.n_domains):
+            ids = np.flatnonzero(self.concept_domain == d)
+            if len(ids) == 0:
+                continue
+            index = faiss.IndexFlatIP(self.concept_centroids.shape[1])
+            index.add(np.ascontiguousarray(self.concept_centroids[ids], dtype=np.float32))
+            out[d] = (ids, index)
+        return out
 
     def save(self, path: str | Path) -> None:
         """Write ``hierarchy.npz`` (arrays) atomically; names go in as a JSON string."""
@@ -143,15 +168,15 @@ def fit_hierarchy(
     clean = clean or clean_caption
     domain_centroids = kmeans_fit(text, n_domains, cfg)
     domain, _ = nearest(text, domain_centroids)
-    joint = joint_embedding(image, text)
     centroids, owners, names = [], [], []
     for d in range(n_domains):
         rows = np.flatnonzero(domain == d)
         if len(rows) == 0:
             continue  # an empty domain gets no concepts; no sample can be assigned to it by construction
+        joint = joint_embedding(image[rows], text[rows])  # per domain: memory stays O(domain size)
         k = max(1, min(concepts_per_domain, len(rows) // max(1, min_points_per_concept)))
-        c = kmeans_fit(joint[rows], k, KMeansConfig(cfg.niter, cfg.nredo, cfg.seed + d, cfg.max_points_per_centroid))
-        medoid = np.argmax(joint[rows] @ c.T, axis=0)  # [k]: best sample per centroid
+        c = kmeans_fit(joint, k, KMeansConfig(cfg.niter, cfg.nredo, cfg.seed + d, cfg.max_points_per_centroid))
+        medoid = np.argmax(joint @ c.T, axis=0)  # [k]: best sample per centroid
         centroids.append(c)
         owners.extend([d] * k)
         names.extend(clean(captions[rows[m]]) for m in medoid)
