@@ -56,12 +56,13 @@ class Backbone:
         return next(self.model.parameters()).device
 
 
-def load_backbone(cfg: BackboneConfig, device: str | torch.device = "cpu") -> Backbone:
+def load_backbone(cfg: BackboneConfig, device: str | torch.device = "cpu", seed: int | None = None) -> Backbone:
     """Build the frozen backbone described by ``cfg`` on ``device``.
 
     ``cfg.pretrained`` is an open_clip tag (downloaded into ``cfg.cache_dir`` by open_clip), a path to
     a local checkpoint (open_clip state dict or open_clip_train checkpoint, loaded with
-    ``weights_only=True``), or ``""`` for random weights.
+    ``weights_only=True``), or ``""`` for random weights. ``seed`` makes random weights reproducible
+    (every process of a run must build the same random backbone); the global RNG is left untouched.
     """
     register_tiny_archs()
     pretrained = cfg.pretrained or None
@@ -73,13 +74,16 @@ def load_backbone(cfg: BackboneConfig, device: str | torch.device = "cpu") -> Ba
             raise ValueError(f"backbone.pretrained={pretrained!r} is not a tag of {cfg.arch} (known: {tags})")
     if cfg.arch not in open_clip.list_models() and not cfg.arch.startswith(("hf-hub:", "local-dir:")):
         raise ValueError(f"backbone.arch={cfg.arch!r} is not an open_clip architecture")
-    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        cfg.arch,
-        pretrained=pretrained,
-        device=device,
-        force_quick_gelu=cfg.force_quick_gelu,
-        cache_dir=cfg.cache_dir or None,
-    )
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            cfg.arch,
+            pretrained=pretrained,
+            device=device,
+            force_quick_gelu=cfg.force_quick_gelu,
+            cache_dir=cfg.cache_dir or None,
+        )
     model = model.to(dtype=_DTYPES[cfg.precision])
     freeze(model)
     return Backbone(

@@ -152,7 +152,9 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
-        layers.append((f"override {item!r}", OmegaConf.from_dotlist([item])))
+        key, value = item.split("=", 1)
+        # `key=` means the empty string (from_dotlist would read it as null)
+        layers.append((f"override {item!r}", OmegaConf.from_dotlist([item if value else f"{key}=''"])))
     merged = base
     for origin, layer in layers:
         try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import os
 import subprocess
 from collections.abc import Iterable, Mapping
@@ -173,6 +174,14 @@ class Distributed:
         dist.all_gather_object(out, obj)
         return out
 
+    def verify_identical(self, tensors: Iterable[Tensor]) -> str:
+        """SHA-256 of the tensors' bytes, checked equal on every rank; raises when ranks diverged."""
+        digest = tensor_digest(tensors)
+        digests = self.gather_objects(digest)
+        if len(set(digests)) > 1:
+            raise RuntimeError(f"ranks diverged: parameter digests differ across ranks {digests}")
+        return digest
+
     def barrier(self) -> None:
         if self.active:
             dist.barrier()
@@ -184,6 +193,14 @@ class Distributed:
 
     def _collective_device(self) -> torch.device:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def tensor_digest(tensors: Iterable[Tensor]) -> str:
+    """SHA-256 over the exact bytes of ``tensors`` (bit-level identity check)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _unflatten_into(flat: Tensor, tensors: list[Tensor]) -> None:

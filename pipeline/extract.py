@@ -110,7 +110,7 @@ def run(cfg: ExtractConfig, dist: Distributed | None = None) -> dict:
     report = {"shards": len(shards), "already_done": len(shards) - len(todo), "extracted": 0, "samples": 0}
     if not todo:
         return report
-    backbone = load_backbone(cfg.backbone, device=dist.device)
+    backbone = load_backbone(cfg.backbone, device=dist.device, seed=0)
     out = Path(cfg.out_dir)
     for url in todo:
         stem = shard_stem(url)

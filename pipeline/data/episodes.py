@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict, defaultdict, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,12 +141,14 @@ class ConceptTable:
 class EpisodeSampler:
     """Turns a stream of decoded samples ``{"key", "url", "image"}`` into :class:`Episode` s."""
 
-    def __init__(self, table: ConceptTable, cfg: EpisodeConfig, seed: int):
+    def __init__(self, table: ConceptTable, cfg: EpisodeConfig, seed: int, decode: Callable | None = None):
         table.check(cfg)
         self.table, self.cfg = table, cfg
         self.rng = np.random.default_rng(seed)
+        self.decode = decode  # raw buffered item -> image tensor (None: items are tensors already)
         self.buffers: dict[int, deque] = defaultdict(lambda: deque(maxlen=cfg.buffer_per_concept))
         self.unassigned = 0  # samples whose key has no (eligible) concept
+        self.bad_images = 0  # buffered images that failed to decode when a task needed them
 
     def __call__(self, samples: Iterable[dict]) -> Iterator[Episode]:
         pending_cross = self._draw_cross()
@@ -158,7 +160,7 @@ class EpisodeSampler:
             buf = self.buffers[concept]
             if any(key == sample["key"] for key, _ in buf):
                 continue  # resampling streams the same image again: a duplicate could land in S and Q
-            buf.append((sample["key"], sample["image"]))
+            buf.append((sample["key"], sample["image"]))  # "image": raw bytes or an already decoded tensor
             if len(buf) < self.cfg.q_query:
                 continue  # this insert cannot have completed a task: skip the scan over concepts
             episode = self._try_emit(pending_cross)
@@ -203,21 +205,53 @@ class EpisodeSampler:
             names = names + [self.table.name[c] for c in q_concepts]
         else:
             d_q, q_concepts, q_labels = d_s, s_concepts, list(range(n))
-        support = [(lab, self._take(c, k)) for lab, c in enumerate(s_concepts)]  # [N] x K items
-        query = [(lab, self._take(c, q)) for lab, c in zip(q_labels, q_concepts)]
+        # pick first, decode, and only then pop: an undecodable image is dropped and the task retried
+        s_picks = [(c, self._pick(c, k)) for c in s_concepts]
+        q_picks = [(c, self._pick(c, q)) for c in q_concepts]
+        if cross:
+            picks = s_picks + q_picks
+        else:  # same concepts: support and query picks must be disjoint, so draw K+Q at once and split
+            both = [(c, self._pick(c, k + q)) for c in s_concepts]
+            s_picks = [(c, idx[:k]) for c, idx in both]
+            q_picks = [(c, idx[k:]) for c, idx in both]
+            picks = both
+        decoded = self._decode(picks)
+        if decoded is None:
+            return None
+        self._pop(picks)
+        support = [(lab, [decoded[(c, i)] for i in idx]) for lab, (c, idx) in enumerate(s_picks)]
+        query = [(lab, [decoded[(c, i)] for i in idx]) for lab, (c, idx) in zip(q_labels, q_picks)]
         return _episode(support, query, names, (d_s, d_q))
 
-    def _take(self, concept: int, count: int) -> list[tuple[str, Tensor]]:
-        """Pop ``count`` random buffered images of ``concept`` (popped: never reused in the same task)."""
-        buf = self.buffers[concept]
-        picks = sorted(self.rng.choice(len(buf), size=count, replace=False).tolist(), reverse=True)
-        items = list(buf)
-        out = [items[i] for i in picks]
-        for i in picks:
-            del items[i]
-        buf.clear()
-        buf.extend(items)
-        return out
+    def _pick(self, concept: int, count: int) -> list[int]:
+        """``count`` distinct random buffer positions of ``concept``."""
+        return self.rng.choice(len(self.buffers[concept]), size=count, replace=False).tolist()
+
+    def _decode(self, picks) -> dict | None:
+        """(concept, position) -> (key, image tensor); None (after dropping the bad items) on a failure."""
+        out, bad = {}, []
+        for c, idx in picks:
+            for i in idx:
+                key, raw = self.buffers[c][i]
+                try:
+                    out[(c, i)] = (key, raw if self.decode is None else self.decode(raw))
+                except Exception:  # PIL raises many types for corrupt data
+                    bad.append((c, i))
+        if not bad:
+            return out
+        self.bad_images += len(bad)
+        self._pop([(c, [i]) for c, i in bad])
+        return None
+
+    def _pop(self, picks) -> None:
+        """Remove the picked buffer positions (used images are not reused by later tasks)."""
+        drop = defaultdict(set)
+        for c, idx in picks:
+            drop[c].update(idx)
+        for c, positions in drop.items():
+            kept = [item for i, item in enumerate(self.buffers[c]) if i not in positions]
+            self.buffers[c].clear()
+            self.buffers[c].extend(kept)
 
 
 def _episode(support, query, names, domains) -> Episode:

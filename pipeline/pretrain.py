@@ -1,0 +1,164 @@
+"""Stage 1: GRAM-style distributed meta-pretraining of prompts and a gradient regulator.
+
+    accelerate launch pipeline/pretrain.py --config configs/pretrain/<x>.yaml key=value ...
+    python -m pipeline.pretrain ...            # one process
+    python -m pipeline.pretrain                # no arguments: the bundled digits demo
+
+Each outer step takes ``tasks_per_step`` tasks (support/query episodes from the concept clustering),
+split over ranks by task slot; every rank computes its tasks' meta-gradients w.r.t. the initial prompts
+and the regulator, the gradients are averaged over tasks and ranks with one flat all-reduce, and every
+rank takes the same AdamW step (DESIGN section 7). Checkpoints are atomic and resumable; SIGTERM or
+SIGUSR1 saves one and exits 0 for a SLURM requeue. The result is an artifact (prompts + regulator +
+metadata) that stage 2 starts from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # `accelerate launch pipeline/pretrain.py` runs this file as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from pipeline.config import ConfigError, ModelConfig, load_config, to_dict
+from pipeline.data.episodes import EpisodeConfig
+from pipeline.data.task_stream import TaskDataConfig
+from pipeline.meta.config import LossConfig, MetaConfig, RegulatorConfig, validate_meta_learning
+from pipeline.tracking import TrackingConfig
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "demo.yaml"
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Outer optimisation (AdamW on prompts and regulator, linear warmup then cosine decay)."""
+
+    steps: int = 2000
+    """Outer steps."""
+    lr: float = 2e-3
+    """Peak learning rate of the prompts (the regulator has its own, ``regulator.lr``)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay of the prompts."""
+    warmup_steps: int = 100
+    """Linear warmup from 0 to the peak learning rates."""
+    min_lr_ratio: float = 0.0
+    """Cosine decay ends at this fraction of the peak learning rates."""
+    grad_clip: float = 1.0
+    """Clip the global norm of the averaged meta-gradient (prompts and regulator together); 0 = off."""
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Checkpointing and resume."""
+
+    every: int = 200
+    """Save every this many outer steps (and at the end, and on SIGTERM/SIGUSR1)."""
+    keep_last: int = 3
+    """Checkpoints kept on disk."""
+    resume: bool = True
+    """Continue from the newest loadable checkpoint in ``run_dir`` when there is one."""
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Stage-1 meta-pretraining (DESIGN section 4)."""
+
+    run_dir: str = "runs/pretrain"
+    """Run folder: checkpoints, metrics.jsonl, W&B files and the artifact."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Frozen backbone and prompt learner."""
+    data: TaskDataConfig = field(default_factory=TaskDataConfig)
+    """Shards and their clustering."""
+    episodes: EpisodeConfig = field(default_factory=EpisodeConfig)
+    """N-way K-shot task sampling."""
+    regulator: RegulatorConfig = field(default_factory=RegulatorConfig)
+    """Gradient regulator (identical in stage 2)."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Loss weights and mixup."""
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    """Inner/outer step settings."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Outer optimiser and schedule."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoints and resume."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """W&B and the local metrics file."""
+    tasks_per_step: int = 4
+    """Tasks per outer step over all ranks (must be divisible by the number of ranks)."""
+    frozen_templates: tuple[str, ...] = ("{}",)
+    """Templates of the frozen text features g_0 of concept names (``{}`` = the name itself, a caption)."""
+    mixed_precision: str = "no"
+    """``no`` or ``bf16`` (autocast on GPU; regulator and optimizer state stay fp32)."""
+    cpu: bool = False
+    """Run on the CPU even when a GPU is visible."""
+    max_nonfinite: int = 10
+    """Abort after this many consecutive steps with a non-finite loss or meta-gradient (each is skipped)."""
+    collective_timeout_s: float = 600.0
+    """A collective waiting longer than this (a rank died) ends the job with an error instead of a hang."""
+    seed: int = 0
+    """Seed of the task streams and mixup."""
+    artifact: str = ""
+    """Where to write the artifact; empty = ``<run_dir>/artifact.pt``."""
+
+    def validate(self) -> None:
+        validate_meta_learning(self.regulator, self.loss, self.meta)
+        if self.tasks_per_step < 1:
+            raise ConfigError(f"tasks_per_step={self.tasks_per_step} must be >= 1")
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ConfigError(f"mixed_precision={self.mixed_precision!r}: expected 'no' or 'bf16' (fp16 would "
+                              "need loss scaling around autograd.grad)")
+        if self.model.prompts.type == "none":
+            raise ConfigError("model.prompts.type=none has nothing to meta-learn")
+        for key in ("steps", "warmup_steps"):
+            if getattr(self.optim, key) < 0:
+                raise ConfigError(f"optim.{key} must be >= 0")
+        if self.checkpoint.every < 1 or self.checkpoint.keep_last < 1:
+            raise ConfigError("checkpoint.every and checkpoint.keep_last must be >= 1")
+        if self.max_nonfinite < 1:
+            raise ConfigError(f"max_nonfinite={self.max_nonfinite} must be >= 1")
+
+
+def lr_lambda(cfg: OptimConfig):
+    """Multiplier of the peak learning rate at a step: linear warmup, then cosine to ``min_lr_ratio``."""
+
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        span = max(1, cfg.steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def parse(argv: list[str]) -> PretrainConfig:
+    parser = argparse.ArgumentParser(prog="pipeline.pretrain", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None, help="YAML delta over PretrainConfig")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    args = parser.parse_args(argv)
+    return load_config(PretrainConfig, args.config, args.overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        from pipeline.demo import prepare_pretrain_demo
+
+        argv = prepare_pretrain_demo(DEMO_CONFIG)
+    cfg = parse(argv)
+    from pipeline.pretrain_loop import train
+
+    result = train(cfg, to_dict(cfg))
+    return 0 if result.get("status") in ("done", "preempted") else 1
+
+
+if __name__ == "__main__":
+    t0 = time.time()
+    code = main()
+    sys.exit(code)

@@ -1,0 +1,237 @@
+"""The stage-1 training loop behind :mod:`pipeline.pretrain` (kept apart so the entry point stays small)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from pipeline.backbone import load_backbone
+from pipeline.checkpoint import (
+    PreemptionHandler,
+    artifact_metadata,
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_artifact,
+    save_checkpoint,
+    set_rng_state,
+)
+from pipeline.config import ConfigError
+from pipeline.data.episodes import Episode
+from pipeline.data.task_stream import slot_loader
+from pipeline.distributed import Distributed
+from pipeline.meta.objective import Batch, Objective
+from pipeline.meta.step import meta_step
+from pipeline.prompts import PromptedCLIP
+from pipeline.regulator import Regulator
+from pipeline.tracking import Tracker, progress
+
+COUNTERS = ("samples", "shards", "bad_shard", "bad_image", "missing_image", "missing_caption", "unassigned")
+
+
+def episode_batches(ep: Episode, device: torch.device) -> tuple[Batch, Batch]:
+    """Support and query :class:`Batch` es of an episode (the query in its own class list)."""
+    n = ep.n_way
+    support = Batch(ep.support_images.to(device), ep.support_labels.to(device), tuple(ep.classnames[:n]))
+    if ep.cross_domain:  # query classes are classnames[n:], labels n..2n-1
+        query = Batch(ep.query_images.to(device), (ep.query_labels - n).to(device), tuple(ep.classnames[n:]))
+    else:
+        query = Batch(ep.query_images.to(device), ep.query_labels.to(device), tuple(ep.classnames[:n]))
+    return support, query
+
+
+def _finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+class Streams:
+    """This rank's task slots for the current data epoch; rebuilt (reseeded) at each epoch boundary."""
+
+    def __init__(self, cfg, preprocess, rank: int, world_size: int):
+        self.cfg, self.preprocess = cfg, preprocess
+        self.slots = list(range(rank, cfg.tasks_per_step, world_size))
+        self.epoch = None
+        self.iters: list = []
+        self.finished: Counter = Counter()  # counters of earlier epochs
+        self.current: dict = {}  # (slot, worker) -> latest running counters
+
+    def at(self, step: int):
+        """Make the streams match ``step``: rebuild at epoch starts, fast-forward after a resume."""
+        epoch, within = divmod(step, self.cfg.data.epoch_steps)
+        if epoch != self.epoch:
+            for snap in self.current.values():
+                self.finished.update(snap)
+            self.current = {}
+            self.iters = [slot_loader(self.cfg.data, self.cfg.episodes, self.preprocess, self.cfg.seed, epoch, s)
+                          for s in self.slots]
+            self.epoch = epoch
+            for _ in range(within):  # resume mid-epoch: replay the tasks already used
+                self.next()
+
+    def next(self) -> list[tuple[int, Episode]]:
+        out = []
+        for slot, it in zip(self.slots, self.iters):
+            episode, counts = next(it)
+            self.current[(slot, counts.get("worker", 0))] = {k: counts.get(k, 0) for k in COUNTERS}
+            out.append((slot, episode))
+        return out
+
+    def counters(self) -> dict[str, int]:
+        total = Counter(self.finished)
+        for snap in self.current.values():
+            total.update(snap)
+        return {k: int(total.get(k, 0)) for k in COUNTERS}
+
+
+def train(cfg, cfg_dict: dict) -> dict:
+    """Run stage 1 to ``optim.steps`` (or until preempted); returns a summary dict with ``status``."""
+    dist = Distributed(cfg.mixed_precision, cpu=cfg.cpu, timeout_s=cfg.collective_timeout_s)
+    try:
+        return _train(cfg, cfg_dict, dist)
+    finally:
+        dist.shutdown()
+
+
+def _train(cfg, cfg_dict: dict, dist: Distributed) -> dict:
+    dist.check_backend(second_order=cfg.meta.meta_step and not cfg.meta.first_order)
+    if cfg.tasks_per_step % dist.world_size:
+        raise ConfigError(f"tasks_per_step={cfg.tasks_per_step} is not divisible by the {dist.world_size} ranks")
+    run_dir = Path(cfg.run_dir)
+    device = dist.device
+    backbone = load_backbone(cfg.model.backbone, device=device, seed=cfg.model.seed)
+    model = PromptedCLIP(backbone, cfg.model.prompts, generator=torch.Generator().manual_seed(cfg.model.seed))
+    prompts = model.initial_prompts()
+    torch.manual_seed(cfg.model.seed)  # the regulator's init draws from the global RNG: make runs repeatable
+    regulator = Regulator.for_prompts(prompts, cfg.regulator).to(device)
+    reg_params = [p for p in regulator.parameters() if p.requires_grad]
+    params = list(prompts.values()) + reg_params
+    dist.broadcast_(params)  # identical start on every rank, whatever each rank's RNG did
+    groups = [{"params": list(prompts.values()), "lr": cfg.optim.lr, "weight_decay": cfg.optim.weight_decay}]
+    if reg_params:
+        groups.append({"params": reg_params, "lr": cfg.regulator.lr, "weight_decay": cfg.regulator.weight_decay})
+    optimizer = torch.optim.AdamW(groups)
+    from pipeline.pretrain import lr_lambda
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim))
+    objective = Objective(model, cfg.loss, templates=cfg.frozen_templates)
+    streams = Streams(cfg, backbone.preprocess_train, dist.rank, dist.world_size)
+
+    step, nonfinite_total, consecutive = 0, 0, 0
+    ckpt = latest_checkpoint(run_dir) if cfg.checkpoint.resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, map_location=device)
+        with torch.no_grad():
+            for k, v in prompts.items():
+                v.copy_(state["prompts"][k])
+        regulator.load_state_dict(state["regulator"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        step, nonfinite_total = int(state["step"]), int(state["nonfinite_total"])
+        streams.finished.update(state.get("data_counters", {}))
+    tracker = Tracker(run_dir, cfg.tracking, cfg_dict, is_main=dist.is_main, resume=ckpt is not None,
+                      resume_step=step if ckpt is not None else None)
+
+    def save() -> None:
+        digest = dist.verify_identical(params)  # ranks must hold bit-identical state at every checkpoint
+        if dist.is_main:
+            state = {
+                "step": step, "prompts": {k: v.detach() for k, v in prompts.items()},
+                "regulator": regulator.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": rng_state(), "nonfinite_total": nonfinite_total,
+                "data_counters": streams.counters(), "config": cfg_dict, "digest": digest,
+                "world_size": dist.world_size,
+            }
+            save_checkpoint(run_dir, step, state, cfg.checkpoint.keep_last)
+        dist.barrier()
+
+    status = "done"
+    samples_per_task = cfg.episodes.n_way * (cfg.episodes.k_shot + cfg.episodes.q_query)
+    bar = progress(cfg.optim.steps, dist.is_main, desc="meta-pretrain")
+    bar.update(step)
+    with PreemptionHandler() as preemption, tracker:
+        while step < cfg.optim.steps:
+            t0 = time.perf_counter()
+            streams.at(step)
+            tasks = streams.next()
+            t_data = time.perf_counter() - t0
+            grads = [torch.zeros_like(p) for p in params]
+            metrics: list[dict[str, float]] = []
+            for slot, episode in tasks:
+                support, query = episode_batches(episode, device)
+                # mixup randomness is a function of (seed, step, slot): identical for any world size and resume
+                gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step * 1_009 + slot) % 2**62)
+                with dist.autocast():
+                    result = meta_step(objective, prompts, regulator, support, query, cfg.meta, gen)
+                flat = [result.prompt_grads[k] for k in prompts] + [
+                    result.regulator_grads[n] for n, p in regulator.named_parameters() if p.requires_grad]
+                for acc, g in zip(grads, flat):
+                    acc.add_(g.detach().to(acc.dtype), alpha=1.0 / len(tasks))
+                metrics.append(result.metrics.as_dict())
+            bad = dist.any(not _finite(grads) or any(not math.isfinite(m["outer_loss"]) for m in metrics))
+            update = math.nan
+            payload = 0
+            if bad:  # every rank skips together, so parameters stay identical
+                nonfinite_total += 1
+                consecutive += 1
+                if consecutive >= cfg.max_nonfinite:
+                    raise RuntimeError(f"{consecutive} consecutive outer steps had a non-finite loss or "
+                                       f"meta-gradient (max_nonfinite={cfg.max_nonfinite}); last step {step}")
+            else:
+                consecutive = 0
+                payload = dist.all_reduce_mean_(grads)
+                before = [p.detach().clone() for p in reg_params]
+                for p, g in zip(params, grads):
+                    p.grad = g
+                if cfg.optim.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                update = float(sum((p.detach() - b).pow(2).sum() for p, b in zip(reg_params, before)) ** 0.5) \
+                    if reg_params else 0.0
+            scheduler.step()
+            step += 1
+            bar.update(1)
+            if tracker.should_log(step) or step == cfg.optim.steps:
+                log = _reduce_metrics(metrics, dist)
+                counters = Counter()
+                for c in dist.gather_objects(streams.counters()):
+                    counters.update(c)
+                elapsed = time.perf_counter() - t0
+                log.update(
+                    lr=scheduler.get_last_lr()[0], regulator_update=update, nonfinite_steps=nonfinite_total,
+                    samples_per_s=cfg.tasks_per_step * samples_per_task / max(elapsed, 1e-9),
+                    data_wait_fraction=t_data / max(elapsed, 1e-9), allreduce_bytes=payload,
+                    **{f"data/{k}": v for k, v in counters.items()},
+                )
+                tracker.log(log, step=step)
+            if step % cfg.checkpoint.every == 0 or step == cfg.optim.steps:
+                save()
+            if dist.any(preemption.requested):
+                if step % cfg.checkpoint.every:
+                    save()
+                status = "preempted"
+                break
+        bar.close()
+        if status == "done" and dist.is_main:
+            out = Path(cfg.artifact or run_dir / "artifact.pt")
+            meta = artifact_metadata(cfg_dict, {k: v.detach() for k, v in prompts.items()},
+                                     {"stage": "pretrain", "steps": step, "regulator.kind": cfg.regulator.kind})
+            save_artifact(out, prompts, regulator.state_dict(), meta)
+            tracker.summary({"artifact": str(out), "steps": step, "nonfinite_steps": nonfinite_total})
+    return {"status": status, "step": step, "nonfinite_steps": nonfinite_total,
+            "prompts": {k: v.detach().cpu() for k, v in prompts.items()},
+            "regulator": {k: v.detach().cpu() for k, v in regulator.state_dict().items()}}
+
+
+def _reduce_metrics(metrics: list[dict[str, float]], dist: Distributed) -> dict[str, float]:
+    """Mean of each metric over this rank's tasks, then over ranks (NaN = not computed)."""
+    keys = sorted(metrics[0])
+    local = torch.tensor([[m[k] for k in keys] for m in metrics], dtype=torch.float64).mean(0)  # [n_metrics]
+    dist.all_reduce_mean_([local])
+    return {k: float(v) for k, v in zip(keys, local.tolist()) if not math.isnan(v)}
+
