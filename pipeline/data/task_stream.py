@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -98,8 +99,11 @@ class SlotStream(IterableDataset):
             stats["_shards_at_last_good"] = stats["shards"]
             yield {"key": s["__key__"], "url": s["__url__"], "image": s[ext]}
 
-    def _decode(self, raw: bytes):
-        with Image.open(io.BytesIO(raw)) as im:
+    def _decode(self, raw: bytes, rng: random.Random):
+        # torchvision's random crops draw from the global torch RNG, whose state depends on what else the
+        # process did; a per-stream seed per image keeps the views identical for any rank layout
+        with Image.open(io.BytesIO(raw)) as im, torch.random.fork_rng(devices=[]):
+            torch.manual_seed(rng.getrandbits(63))
             return self.preprocess(im.convert("RGB"))
 
     def __iter__(self) -> Iterator[tuple[Episode, dict]]:
@@ -112,7 +116,8 @@ class SlotStream(IterableDataset):
                                       rng=self._rng(worker, "samples")))
         stages.append(lambda src: self._raw(src, stats))
         seed = int(self._rng(worker, "episodes").getrandbits(63))
-        sampler = EpisodeSampler(self.table, self.episodes, seed, decode=self._decode)
+        views = self._rng(worker, "views")
+        sampler = EpisodeSampler(self.table, self.episodes, seed, decode=lambda raw: self._decode(raw, views))
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             for episode in sampler(iter(wds.DataPipeline(*stages))):

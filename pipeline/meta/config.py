@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pipeline.config import ConfigError
 
 REGULATOR_KINDS = ("modulate", "transform", "none", "constant")
+TASK_CLASSES = ("present", "all")
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,11 @@ class MetaConfig:
     """Multiplier of the outer (query) loss."""
     n_query_classes: int = 1
     """Stage 2: classes of the batch held out as the query set (capped so the support keeps one class)."""
+    task_classes: str = "present"
+    """Stage 2 label space of the virtual tasks: ``present`` (episodic: the inner step classifies among
+    the support's classes, the outer loss among support + query classes, as in stage 1; the text tower
+    then runs on a handful of classes) or ``all`` (the batch's full label space for both)."""
+    """Stage 2: classes of the batch held out as the query set (capped so the support keeps one class)."""
     log_query_before: bool = False
     """Also compute the query loss at the unadapted prompts (one extra no-grad forward) for logging."""
 
@@ -117,6 +123,8 @@ def validate_meta(cfg: MetaConfig, prefix: str = "meta") -> None:
         raise ConfigError(f"{prefix}.inner_lr={cfg.inner_lr} must be >= 0")
     if cfg.outer_weight < 0:
         raise ConfigError(f"{prefix}.outer_weight={cfg.outer_weight} must be >= 0")
+    if cfg.task_classes not in TASK_CLASSES:
+        raise ConfigError(f"{prefix}.task_classes={cfg.task_classes!r}: expected one of {TASK_CLASSES}")
     if cfg.n_query_classes < 1:
         raise ConfigError(f"{prefix}.n_query_classes={cfg.n_query_classes} must be >= 1")
 

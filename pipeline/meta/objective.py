@@ -47,6 +47,14 @@ class Batch:
         frozen = None if self.frozen_image is None else self.frozen_image[index]
         return Batch(self.images[index], self.labels[index], self.classnames, frozen)
 
+    def restricted(self) -> Batch:
+        """The same samples in the label space of the classes present (sorted by original label)."""
+        present = torch.unique(self.labels)  # sorted
+        remap = torch.full((len(self.classnames),), -1, dtype=torch.long, device=self.labels.device)
+        remap[present] = torch.arange(present.numel(), device=self.labels.device)
+        names = tuple(self.classnames[int(i)] for i in present.tolist())
+        return Batch(self.images, remap[self.labels], names, self.frozen_image)
+
 
 @dataclass
 class LossTerms:

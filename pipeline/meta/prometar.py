@@ -3,7 +3,8 @@
 1. Regularized step: ``G = g + gamma_phi(g, r) * r`` on the whole batch, one optimizer step on the
    prompts (``prompt_optimizer``, SGD in the public recipe). ``gamma`` is evaluated, not trained, here.
 2. Meta step: the batch is split by class into support and query (``MetaConfig.n_query_classes``
-   classes held out), inner step(s) on the support with the regulated gradient, outer loss of the
+   classes held out; by default each in the label space of its own classes, the outer loss in their
+   union, exactly like a stage-1 task), inner step(s) on the support with the regulated gradient, outer loss of the
    adapted prompts on mixup virtual samples of the query (:func:`~pipeline.meta.step.bilevel_loss`),
    then the outer gradient updates the prompts (``prompt_optimizer`` again) and the regulator
    (``regulator_optimizer``, AdamW with ``RegulatorConfig.lr``).
@@ -86,9 +87,12 @@ class ProMetaRResult:
         return out
 
 
-def split_by_class(batch: Batch, n_query_classes: int, generator: torch.Generator | None = None) -> tuple[Batch, Batch] | None:
+def split_by_class(
+    batch: Batch, n_query_classes: int, generator: torch.Generator | None = None, restrict: bool = False
+) -> tuple[Batch, Batch] | None:
     """Hold out ``n_query_classes`` random classes of the batch as the query set, the rest is the
-    support. At least one class stays in the support; ``None`` if the batch has a single class."""
+    support. At least one class stays in the support; ``None`` if the batch has a single class.
+    ``restrict``: each part gets the label space of its own classes (``MetaConfig.task_classes="present"``)."""
     present = torch.unique(batch.labels.cpu())
     if present.numel() < 2:
         return None
@@ -97,7 +101,10 @@ def split_by_class(batch: Batch, n_query_classes: int, generator: torch.Generato
     in_query = torch.isin(batch.labels.cpu(), held_out)
     q_idx = torch.nonzero(in_query).flatten().to(batch.labels.device)
     s_idx = torch.nonzero(~in_query).flatten().to(batch.labels.device)
-    return batch.subset(s_idx), batch.subset(q_idx)
+    support, query = batch.subset(s_idx), batch.subset(q_idx)
+    if restrict:
+        support, query = support.restricted(), query.restricted()
+    return support, query
 
 
 def _snapshot(tensors) -> list[Tensor]:
@@ -165,7 +172,8 @@ def prometar_iteration(
 
     # 2. Meta step on a class split of the same batch.
     meta = None
-    split = split_by_class(batch, cfg.n_query_classes, generator) if cfg.meta_step else None
+    restrict = cfg.task_classes == "present"
+    split = split_by_class(batch, cfg.n_query_classes, generator, restrict) if cfg.meta_step else None
     if not cfg.meta_step:
         skipped.append("meta_disabled")
     elif split is None:

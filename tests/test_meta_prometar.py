@@ -1,0 +1,140 @@
+"""Stage-2 ProMetaR iteration: class split, the regularized step, ablation switches, non-finite guard."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.config import PromptConfig
+from pipeline.meta.config import LossConfig, MetaConfig, RegulatorConfig
+from pipeline.meta.inner import regulated_gradient
+from pipeline.meta.objective import Batch, Objective
+from pipeline.meta.prometar import prometar_iteration, split_by_class
+from pipeline.prompts import PromptedCLIP
+from pipeline.regulator import Regulator
+
+CLASSES = ("cat", "dog", "car", "tree", "boat")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny tensors: one intra-op thread is faster and immune to oversubscribed CPUs.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _setup(backbone, kind="modulate", seed=0):
+    model = PromptedCLIP(backbone, PromptConfig(type="ivlp", depth_text=3, depth_vision=3), generator=torch.Generator().manual_seed(seed))
+    prompts = model.initial_prompts()
+    regulator = Regulator.for_prompts(prompts, RegulatorConfig(kind=kind, hidden=16))
+    return model, prompts, regulator
+
+
+def _batch(seed=0, labels=(0, 1, 2, 3)):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.tensor(labels)
+    return Batch(torch.randn(len(labels), 3, 32, 32, generator=g), labels, CLASSES)
+
+
+def _optimizers(prompts, regulator, lr=0.0025):
+    sgd = torch.optim.SGD(list(prompts.values()), lr=lr)
+    params = list(regulator.parameters())
+    adamw = torch.optim.AdamW(params, lr=RegulatorConfig().lr) if params else None
+    return sgd, adamw
+
+
+def test_split_by_class_holds_out_whole_classes():
+    batch = _batch(labels=(0, 0, 1, 1, 2, 3))
+    for seed in range(5):
+        support, query = split_by_class(batch, 2, torch.Generator().manual_seed(seed))
+        s, q = set(support.labels.tolist()), set(query.labels.tolist())
+        assert len(q) == 2 and not s & q and s | q == {0, 1, 2, 3}
+        assert len(support) + len(query) == 6 and support.classnames == CLASSES
+    support, query = split_by_class(batch, 1, torch.Generator().manual_seed(0), restrict=True)
+    assert len(query.classnames) == 1 and len(support.classnames) == 3
+    assert set(support.classnames) | set(query.classnames) == {"cat", "dog", "car", "tree"}
+    for part in (support, query):  # labels remapped into each part's own label space, names kept
+        assert int(part.labels.max()) < len(part.classnames)
+        original = [CLASSES[int(i)] for i in batch.labels[torch.isin(batch.labels, torch.tensor([CLASSES.index(c) for c in part.classnames]))]]
+        assert [part.classnames[int(i)] for i in part.labels] == original
+    support, query = split_by_class(_batch(labels=(0, 1)), 5)  # capped: one class stays in the support
+    assert len(support) == 1 and len(query) == 1
+    assert split_by_class(_batch(labels=(2, 2, 2)), 1) is None
+
+
+def test_regularized_step_alone_is_one_sgd_step_on_G(tiny_backbone_s):
+    model, prompts, regulator = _setup(tiny_backbone_s)
+    objective = Objective(model, LossConfig())
+    batch = objective.with_frozen(_batch())
+    terms = objective.terms(prompts, batch)
+    G = regulated_gradient(terms, prompts, regulator, create_graph=False).G
+    expected = {k: (v - 0.01 * G[k]).detach() for k, v in prompts.items()}
+    sgd, adamw = _optimizers(prompts, regulator, lr=0.01)
+    before = [p.detach().clone() for p in regulator.parameters()]
+    result = prometar_iteration(objective, prompts, regulator, batch, MetaConfig(meta_step=False), sgd, adamw)
+    assert result.meta is None and result.skipped == ["meta_disabled"]
+    for k in prompts:
+        assert torch.allclose(prompts[k], expected[k], atol=1e-7)
+    assert all(torch.equal(a, b) for a, b in zip(before, regulator.parameters()))
+    assert result.regularized.gamma_mean == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    ("kind", "meta_cfg"),
+    [
+        ("modulate", MetaConfig()),
+        ("modulate", MetaConfig(task_classes="all")),
+        ("modulate", MetaConfig(first_order=True)),
+        ("constant", MetaConfig()),
+        ("none", MetaConfig()),
+        ("transform", MetaConfig()),
+    ],
+)
+def test_iteration_runs_every_ablation(tiny_backbone_s, kind, meta_cfg):
+    model, prompts, regulator = _setup(tiny_backbone_s, kind)
+    objective = Objective(model, LossConfig())
+    sgd, adamw = _optimizers(prompts, regulator)
+    before = {k: v.detach().clone() for k, v in prompts.items()}
+    result = prometar_iteration(objective, prompts, regulator, _batch(), meta_cfg, sgd, adamw, torch.Generator().manual_seed(0))
+    assert result.skipped == []
+    m = result.meta.as_dict()
+    assert m["prompt_update"] > 0 and m["query_loss_after"] == m["query_loss_after"]
+    assert any(not torch.equal(before[k], prompts[k]) for k in prompts)
+    if kind in ("none", "constant"):
+        expected = 1.0 if kind == "none" else RegulatorConfig().constant_gamma
+        assert m["gamma_mean"] == pytest.approx(expected) and m["regulator_update"] == 0.0
+    else:
+        assert m["regulator_update"] > 0 and m["meta_grad_norm_regulator"] > 0
+    assert all(v == v for k, v in result.as_dict().items() if "before" not in k and "grad_norm_task" not in k and "grad_norm_reg" not in k)
+
+
+def test_reduce_grads_hook_sees_every_gradient(tiny_backbone_s):
+    model, prompts, regulator = _setup(tiny_backbone_s)
+    objective = Objective(model, LossConfig())
+    sgd, adamw = _optimizers(prompts, regulator)
+    calls = []
+
+    def reduce(grads):  # stands in for an all-reduce: records sizes and halves in place
+        calls.append(sum(g.numel() for g in grads))
+        for g in grads:
+            g.mul_(0.5)
+
+    prometar_iteration(objective, prompts, regulator, _batch(), MetaConfig(), sgd, adamw, reduce_grads=reduce)
+    n_prompts = sum(p.numel() for p in prompts.values())
+    assert calls == [n_prompts, n_prompts + regulator.num_parameters()]
+
+
+def test_nonfinite_gradients_are_not_applied(tiny_backbone_s):
+    model, prompts, regulator = _setup(tiny_backbone_s)
+    objective = Objective(model, LossConfig())
+    sgd, adamw = _optimizers(prompts, regulator)
+    batch = _batch()
+    bad = Batch(batch.images.clone().index_fill_(0, torch.tensor([0]), float("nan")), batch.labels, CLASSES)
+    before = {k: v.detach().clone() for k, v in prompts.items()}
+    reg_before = [p.detach().clone() for p in regulator.parameters()]
+    result = prometar_iteration(objective, prompts, regulator, bad, MetaConfig(), sgd, adamw)
+    assert "nonfinite_regularized" in result.skipped
+    assert all(torch.equal(before[k], prompts[k]) for k in prompts)
+    assert all(torch.equal(a, b) for a, b in zip(reg_before, regulator.parameters()))
