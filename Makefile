@@ -25,7 +25,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''
 
 demo: $(STAMP)
-	$(VENV)/bin/accelerate launch --cpu --num_processes 1 pipeline/pretrain.py
+	$(VENV)/bin/accelerate launch --config_file launch/accelerate/cpu_1proc.yaml pipeline/pretrain.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipeline tests bench

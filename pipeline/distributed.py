@@ -15,6 +15,7 @@ import contextlib
 import datetime
 import hashlib
 import os
+import logging
 import subprocess
 from collections.abc import Iterable, Mapping
 
@@ -23,6 +24,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from pipeline.config import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def slurm_to_torch_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -122,6 +125,9 @@ class Distributed:
         if plugin is None:
             return
         stage = int(getattr(plugin, "zero_stage", 0) or 0)
+        if stage in (1, 2) and self.is_main:
+            log.warning("DeepSpeed ZeRO-%d: the meta-learner's state (prompts + regulator) stays replicated and is "
+                        "reduced explicitly; ZeRO partitioning does not apply to it", stage)
         if stage == 3:
             raise ConfigError(
                 "DeepSpeed ZeRO-3 partitions parameters across ranks and cannot be combined with the meta-"

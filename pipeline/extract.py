@@ -102,22 +102,24 @@ def _dtype(model) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def run(cfg: ExtractConfig, dist: Distributed | None = None) -> dict:
-    """Embed this process's unfinished shards; returns counts (done, skipped, samples, bad data)."""
-    dist = dist or Distributed(cpu=cfg.cpu)
-    shards = select_shards(cfg, dist.rank, dist.world_size)
+def run(cfg: ExtractConfig, rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu") -> dict:
+    """Embed the unfinished shards of ``rank``; returns counts (done, skipped, samples, bad data).
+
+    Ranks work on disjoint shards and never communicate, so this needs no process group.
+    """
+    shards = select_shards(cfg, rank, world_size)
     todo = [u for u in shards if not is_done(cfg.out_dir, shard_stem(u))]
     report = {"shards": len(shards), "already_done": len(shards) - len(todo), "extracted": 0, "samples": 0}
     if not todo:
         return report
-    backbone = load_backbone(cfg.backbone, device=dist.device, seed=0)
+    backbone = load_backbone(cfg.backbone, device=device, seed=0)
     out = Path(cfg.out_dir)
     for url in todo:
         stem = shard_stem(url)
         for stale in out.glob(f".{stem}.*.tmp*"):  # left by a task killed mid-write
             stale.unlink(missing_ok=True)
         t0 = time.perf_counter()
-        feats, stats = embed_shard(url, backbone.model, backbone.preprocess_val, backbone.tokenizer, cfg, dist.device)
+        feats, stats = embed_shard(url, backbone.model, backbone.preprocess_val, backbone.tokenizer, cfg, device)
         write_features(out, stem, feats, meta={**stats, "seconds": round(time.perf_counter() - t0, 3)})
         report["extracted"] += 1
         report["samples"] += len(feats)
@@ -133,8 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     args = parser.parse_args(argv)
     cfg = load_config(ExtractConfig, args.config, args.overrides)
-    report = run(cfg)
-    print(f"extract: {report}")
+    dist = Distributed(cpu=cfg.cpu)  # launcher variables -> rank, world size, device
+    try:
+        report = run(cfg, dist.rank, dist.world_size, dist.device)
+    finally:
+        dist.shutdown()
+    print(f"extract [rank {dist.rank}/{dist.world_size}]: {report}")
     return 0
 
 
