@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo-data": ("pipeline.data.demo", "build the bundled digits demo data and backbone"),
     "extract": ("pipeline.extract", "embed shards with the frozen backbone (one feature file per shard)"),
     "cluster": ("pipeline.cluster", "cluster features into domains and concepts; assign every shard"),
+    "pretrain": ("pipeline.pretrain", "stage-1 meta-pretraining (one process; use accelerate launch for more)"),
 }
 
 

@@ -114,6 +114,7 @@ SCHEMAS: dict[str, str] = {
     "model": "pipeline.config:ModelConfig",
     "cluster": "pipeline.cluster:ClusterConfig",
     "extract": "pipeline.extract:ExtractConfig",
+    "pretrain": "pipeline.pretrain:PretrainConfig",
 }
 
 
