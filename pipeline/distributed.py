@@ -14,8 +14,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
-import os
 import logging
+import os
 import subprocess
 from collections.abc import Iterable, Mapping
 

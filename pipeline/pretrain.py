@@ -17,14 +17,12 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 if __package__ in (None, ""):  # `accelerate launch pipeline/pretrain.py` runs this file as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
 
 from pipeline.config import ConfigError, ModelConfig, load_config, to_dict
 from pipeline.data.episodes import EpisodeConfig
@@ -159,6 +157,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    t0 = time.time()
-    code = main()
-    sys.exit(code)
+    sys.exit(main())
