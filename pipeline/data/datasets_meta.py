@@ -72,6 +72,7 @@ DATASETS: dict[str, DatasetInfo] = {
               rename=_EUROSAT_NAMES),
         _coop("UCF101", "ucf101", "UCF-101-midframes", "split_zhou_UCF101.json",
               "a photo of a person doing {}."),
+        _coop("Digits", "digits", "images", "split_zhou_Digits.json", "a photo of the digit {}."),
         DatasetInfo("ImageNetV2", "imagenetv2", "imagenetv2-matched-frequency-format-val",
                     "imagenet_variant", "a photo of a {}."),
         DatasetInfo("ImageNetSketch", "imagenet-sketch", "images", "imagenet_variant", "a photo of a {}."),
@@ -79,7 +80,8 @@ DATASETS: dict[str, DatasetInfo] = {
         DatasetInfo("ImageNetR", "imagenet-rendition", "imagenet-r", "imagenet_variant", "a photo of a {}."),
     )
 }
-"""Every dataset of the base-to-new, domain-generalization and cross-dataset protocols."""
+"""Every dataset of the base-to-new, domain-generalization and cross-dataset protocols, plus the
+bundled ``Digits`` demo set (:mod:`pipeline.data.demo`)."""
 
 BASE_TO_NEW = ("ImageNet", "Caltech101", "OxfordPets", "StanfordCars", "OxfordFlowers", "Food101",
                "FGVCAircraft", "SUN397", "DescribableTextures", "EuroSAT", "UCF101")

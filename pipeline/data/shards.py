@@ -277,7 +277,8 @@ class ShardLoader:
 
     @property
     def stats(self) -> dict[str, int]:
-        """All counters since construction: ``samples``, ``shards`` and every :data:`SKIP_REASONS`."""
+        """All counters since construction: ``samples`` (good samples decoded), ``shards`` (shards
+        opened) and every :data:`SKIP_REASONS`; exact once an epoch has ended."""
         total = Counter(self._finished)
         for snap in self._current.values():
             total.update(snap)

@@ -1,0 +1,250 @@
+"""Bundled real demo data: scikit-learn's handwritten digits (1797 8x8 scans shipped inside the package).
+
+Everything is built from those images, offline, under ``DemoConfig.cache_dir`` (``cache/demo``):
+
+* ``digits/images/<name>/<idx>.png`` + ``digits/split_zhou_Digits.json``: a few-shot classification
+  set in the CoOp layout (``FewShotConfig(dataset="Digits", root=cache_dir)``), classes ``zero..nine``;
+  test and val images are held out per class and never reach the shards;
+* ``shards/{000000..}.tar``: image-caption pairs from the train images, each written with several
+  differently worded captions;
+* ``backbone.pt``: a tiny CLIP trained from scratch on those shards by open_clip's own trainer
+  (``python -m open_clip_train.main``, CPU), loadable with
+  ``load_backbone(BackboneConfig(arch=cfg.arch, pretrained=".../backbone.pt"))``.
+
+``python -m pipeline.data.demo`` builds what is missing (the backbone is cached, keyed by the config)
+and prints the backbone's zero-shot accuracy on the held-out test digits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.backbone import load_backbone
+from pipeline.config import BackboneConfig
+from pipeline.data.config import DemoConfig
+from pipeline.data.fewshot import Datum, read_split_file, write_split_file
+from pipeline.data.shard_writer import Pair, write_shards
+
+CLASSNAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# Varied wordings so the text tower learns the digit word, not one fixed sentence. {w} = word, {n} = numeral.
+CAPTIONS = (
+    "a photo of the digit {w}.", "a handwritten {w}.", "the number {w} written by hand.",
+    "a scanned image of a handwritten {w}.", "{w}", "digit {w} ({n})", "a blurry low resolution {w}.",
+    "an image showing the numeral {n}, {w}.", "a small grayscale picture of a {w}.",
+    "someone wrote the number {w}.", "a {w} on a white background.", "handwriting: {n} ({w})",
+)
+EVAL_TEMPLATES = ("a photo of the digit {}.", "a handwritten {}.", "a {} on a white background.")
+"""Class prompts of the zero-shot check (averaged text embeddings)."""
+
+
+def digit_images(upscale: int = 4) -> tuple[list[Image.Image], np.ndarray]:
+    """sklearn's digits as RGB PIL images (dark ink on white, ``8*upscale`` px square) and labels."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = []
+    for a in d.images:  # values 0..16, ink = high
+        gray = (255 - a * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+        im = Image.fromarray(gray).resize((8 * upscale, 8 * upscale), Image.BILINEAR)
+        images.append(im.convert("RGB"))
+    return images, d.target.astype(int)
+
+
+def split_indices(labels: np.ndarray, test_per_class: int, val_per_class: int, seed: int) -> dict[str, list[int]]:
+    """Per-class random train/val/test split of image indices (test and val held out)."""
+    rng, out = random.Random(f"digits-{seed}"), {"train": [], "val": [], "test": []}
+    for y in range(len(CLASSNAMES)):
+        idx = [int(i) for i in np.flatnonzero(labels == y)]
+        rng.shuffle(idx)
+        out["test"] += idx[:test_per_class]
+        out["val"] += idx[test_per_class:test_per_class + val_per_class]
+        out["train"] += idx[test_per_class + val_per_class:]
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def build_fewshot_set(cfg: DemoConfig) -> Path:
+    """Write ``<cache>/digits`` (PNG images + CoOp split file); returns the split file path."""
+    d = Path(cfg.cache_dir) / "digits"
+    split_path = d / "split_zhou_Digits.json"
+    if split_path.is_file():
+        return split_path
+    images, labels = digit_images()
+    parts = split_indices(labels, cfg.test_per_class, cfg.val_per_class, cfg.seed)
+    splits = {}
+    for s, idx in parts.items():
+        splits[s] = []
+        for i in idx:
+            path = d / "images" / CLASSNAMES[labels[i]] / f"{i:04d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            images[i].save(path)
+            splits[s].append(Datum(str(path), int(labels[i]), CLASSNAMES[labels[i]]))
+    tmp = d / "split.json.tmp"
+    write_split_file(tmp, splits, d / "images")
+    os.replace(tmp, split_path)  # written last: its presence means the folder is complete
+    return split_path
+
+
+def caption_pairs(cfg: DemoConfig, train: list[Datum]) -> list[Pair]:
+    """``captions_per_image`` differently worded captions per training image, shuffled."""
+    rng, pairs = random.Random(f"captions-{cfg.seed}"), []
+    for x in train:
+        for tpl in rng.sample(CAPTIONS, cfg.captions_per_image):
+            pairs.append(Pair(image=x.path, caption=tpl.format(w=x.classname, n=x.label),
+                              meta={"label": x.label, "classname": x.classname}))
+    rng.shuffle(pairs)  # mixed classes in every shard, so sequential reading still gives varied batches
+    return pairs
+
+
+def build_shards(cfg: DemoConfig) -> str:
+    """Write the caption shards (once); returns their brace-expanded URL pattern."""
+    out = Path(cfg.cache_dir) / "shards"
+    if not (out / "sizes.json").is_file():
+        train = read_split_file(build_fewshot_set(cfg), Path(cfg.cache_dir) / "digits" / "images")["train"]
+        write_shards(caption_pairs(cfg, train), out, cfg.samples_per_shard)
+    n = len(json.loads((out / "sizes.json").read_text()))
+    return str(out / f"{{000000..{n - 1:06d}}}.tar")
+
+
+def _train_spec(cfg: DemoConfig) -> str:
+    spec = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "cache_dir"}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def open_clip_train_args(cfg: DemoConfig, urls: str, n_samples: int, logs: Path) -> list[str]:
+    """Command-line arguments for ``open_clip_train.main`` on CPU for the demo backbone."""
+    return [
+        "--model", cfg.arch, "--train-data", urls, "--dataset-type", "webdataset",
+        "--train-num-samples", str(n_samples), "--batch-size", str(cfg.batch_size),
+        "--epochs", str(cfg.epochs), "--lr", str(cfg.lr), "--wd", "0.1", "--warmup", str(cfg.warmup),
+        "--workers", str(cfg.workers), "--device", "cpu", "--precision", "fp32", "--seed", str(cfg.seed),
+        "--logs", str(logs), "--name", "demo", "--save-frequency", "0", "--report-to", "",
+        "--log-every-n-steps", "10",
+    ]
+
+
+def export_backbone(checkpoint: str | Path, out: str | Path) -> Path:
+    """Keep only the model weights of an open_clip_train checkpoint (drops optimizer and the DDP
+    ``module.`` prefix); written atomically. Returns ``out``."""
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    sd = ckpt["state_dict"] if isinstance(ckpt, dict) and "state_dict" in ckpt else ckpt
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    out = Path(out)
+    tmp = out.with_suffix(".tmp")
+    torch.save(sd, tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def train_backbone(cfg: DemoConfig, force: bool = False) -> tuple[Path, float]:
+    """Train (or reuse) ``<cache>/backbone.pt``; returns (path, training seconds, 0 when cached)."""
+    cache = Path(cfg.cache_dir)
+    out, manifest = cache / "backbone.pt", cache / "backbone.json"
+    spec = _train_spec(cfg)
+    if not force and out.is_file() and manifest.is_file() and json.loads(manifest.read_text())["spec"] == spec:
+        return out, 0.0
+    urls = build_shards(cfg)
+    n_samples = sum(json.loads((cache / "shards" / "sizes.json").read_text()).values())
+    logs = cache / "open_clip_logs"
+    shutil.rmtree(logs / "demo", ignore_errors=True)  # open_clip_train refuses an existing run name
+    t0 = time.time()
+    cmd = [sys.executable, "-m", "pipeline.data.demo", "open-clip-train",
+           *open_clip_train_args(cfg, urls, n_samples, logs)]
+    subprocess.run(cmd, check=True)
+    seconds = time.time() - t0
+    export_backbone(logs / "demo" / "checkpoints" / f"epoch_{cfg.epochs}.pt", out)
+    manifest.write_text(json.dumps({"spec": spec, "config": dataclasses.asdict(cfg), "train_seconds": seconds}))
+    return out, seconds
+
+
+@torch.no_grad()
+def zero_shot_accuracy(backbone, items: list[Datum], classnames, templates=EVAL_TEMPLATES, batch_size=256) -> float:
+    """Top-1 accuracy of plain CLIP zero-shot classification (template-averaged class embeddings)."""
+    model = backbone.model
+    weights = []
+    for name in classnames:
+        t = model.encode_text(backbone.tokenizer([tpl.format(name) for tpl in templates]))  # [T, D]
+        t = torch.nn.functional.normalize(t, dim=-1).mean(0)
+        weights.append(torch.nn.functional.normalize(t, dim=0))
+    weights = torch.stack(weights, dim=1)  # [D, C]
+    correct = 0
+    for i in range(0, len(items), batch_size):
+        chunk = items[i:i + batch_size]
+        x = torch.stack([backbone.preprocess_val(Image.open(d.path).convert("RGB")) for d in chunk])
+        f = torch.nn.functional.normalize(model.encode_image(x), dim=-1)  # [B, D]
+        pred = (f @ weights).argmax(dim=1)
+        correct += int((pred == torch.tensor([d.label for d in chunk])).sum())
+    return correct / len(items)
+
+
+def build_demo(cfg: DemoConfig | None = None, force: bool = False) -> dict:
+    """Build (or reuse) everything; returns paths, timings and the held-out zero-shot accuracy."""
+    cfg = cfg if cfg is not None else DemoConfig()
+    t0 = time.time()
+    split = build_fewshot_set(cfg)
+    urls = build_shards(cfg)
+    ckpt, train_s = train_backbone(cfg, force)
+    backbone = load_backbone(BackboneConfig(arch=cfg.arch, pretrained=str(ckpt)))
+    test = read_split_file(split, Path(cfg.cache_dir) / "digits" / "images")["test"]
+    acc = zero_shot_accuracy(backbone, test, CLASSNAMES)
+    return {"shards": urls, "split_file": str(split), "backbone": str(ckpt), "arch": cfg.arch,
+            "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t0, 1),
+            "zero_shot_top1": round(acc, 4), "n_test": len(test), "chance": 1 / len(CLASSNAMES)}
+
+
+def patch_open_clip_train_wds() -> None:
+    """Make open_clip_train's training loader work with webdataset 1.0.
+
+    webdataset 1.0's ``tar_file_expander`` yields an empty dict after every shard (an end-of-shard
+    marker); open_clip_train 3.3's ``group_by_keys_nothrow`` indexes it and dies with
+    ``KeyError: 'fname'`` on the first shard. Asking the expander for no marker restores the stream it
+    expects. Only the module attribute that ``get_wds_dataset`` looks up at call time is replaced.
+    """
+    import open_clip_train.data as ocd
+    from webdataset.tariterators import tar_file_expander, url_opener
+
+    def tarfile_to_samples_nothrow(src, handler=ocd.log_and_continue):
+        files = tar_file_expander(url_opener(src, handler=handler), handler=handler, eof_value=None)
+        return ocd.group_by_keys_nothrow(files, handler=handler)
+
+    ocd.tarfile_to_samples_nothrow = tarfile_to_samples_nothrow
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.data.demo [--cache-dir DIR] [--force] [--epochs N]``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["open-clip-train"]:
+        # open_clip_train resolves --model in its own process: register the in-repo archs there first
+        from open_clip_train.main import main as oc_main
+
+        from pipeline.backbone import register_tiny_archs
+
+        register_tiny_archs()
+        patch_open_clip_train_wds()
+        oc_main(argv[1:])
+        return 0
+    ap = argparse.ArgumentParser(prog="python -m pipeline.data.demo", description=__doc__.split("\n")[0])
+    ap.add_argument("--cache-dir", default=DemoConfig.cache_dir)
+    ap.add_argument("--epochs", type=int, default=DemoConfig.epochs)
+    ap.add_argument("--force", action="store_true", help="retrain the backbone even if cached")
+    args = ap.parse_args(argv)
+    result = build_demo(DemoConfig(cache_dir=args.cache_dir, epochs=args.epochs), force=args.force)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
