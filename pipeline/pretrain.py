@@ -153,7 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.pretrain_loop import train
 
     result = train(cfg, to_dict(cfg))
-    return 0 if result.get("status") in ("done", "preempted") else 1
+    if result["status"] == "done":
+        print(f"pretrain: {result['step']} steps, {result['nonfinite_steps']} skipped (non-finite); artifact "
+              f"{cfg.artifact or Path(cfg.run_dir) / 'artifact.pt'}; metrics {Path(cfg.run_dir) / 'metrics.jsonl'}")
+    else:
+        print(f"pretrain: {result['status']} at step {result['step']}; rerun the same command to resume")
+    return 0 if result["status"] in ("done", "preempted") else 1
 
 
 if __name__ == "__main__":
