@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -234,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
 
         register_tiny_archs()
         patch_open_clip_train_wds()
+        # open_clip_train sets the root logger to INFO, which lets torch print its compile stats at exit
+        logging.getLogger("torch").setLevel(logging.WARNING)
         oc_main(argv[1:])
         return 0
     ap = argparse.ArgumentParser(prog="python -m pipeline.data.demo", description=__doc__.split("\n")[0])
