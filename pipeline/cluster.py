@@ -44,8 +44,10 @@ class ClusterConfig:
     """Level-2 clusters per domain (k-means on joint image+caption embeddings)."""
     min_points_per_concept: int = 8
     """A domain with n sampled points gets at most n // this many concepts (no singleton concepts)."""
-    fit_sample: int = 2_000_000
-    """At most this many points (uniformly sampled across shards) are used to fit centroids."""
+    fit_sample: int = 1_000_000
+    """At most this many points (uniformly sampled across shards) are used to fit centroids. 1M 512-d pairs
+    fit in ~8 GiB of RAM (docs/BENCHMARKS.md); faiss further subsamples each k-means to
+    ``k * kmeans.max_points_per_centroid`` points, so a larger sample mostly buys better medoid names."""
     kmeans: KMeansConfig = field(default_factory=KMeansConfig)
     """k-means settings."""
     name_max_words: int = 12
