@@ -14,6 +14,7 @@ from pipeline.checkpoint import (
     PreemptionHandler,
     artifact_metadata,
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     rng_state,
     save_artifact,
@@ -121,6 +122,9 @@ def _train(cfg, cfg_dict: dict, dist: Distributed) -> dict:
     streams = Streams(cfg, backbone.preprocess_train, dist.rank, dist.world_size)
 
     step, nonfinite_total, consecutive = 0, 0, 0
+    if not cfg.checkpoint.resume and list_checkpoints(run_dir):
+        raise ConfigError(f"checkpoint.resume=false but {run_dir} already holds checkpoints of another run; "
+                          "use a new run_dir (a fresh run would overwrite them)")
     ckpt = latest_checkpoint(run_dir) if cfg.checkpoint.resume else None
     if ckpt is not None:
         state = load_checkpoint(ckpt, map_location=device)

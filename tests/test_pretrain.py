@@ -32,6 +32,8 @@ def test_pretrain_runs_and_writes_artifact(task_data, tmp_path):
         assert key in lines[-1], key
     assert all(x["regulator_update"] > 0 for x in lines)  # the regulator learns from step 1
     assert [s for s, _ in list_checkpoints(run)] == [2, 4]
+    with pytest.raises(ConfigError, match="already holds checkpoints"):  # never overwrite another run
+        pretrain.main(pretrain_overrides(task_data, run, steps=4, extra=("checkpoint.resume=false",)))
 
 
 class _PreemptAfter:
