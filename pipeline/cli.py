@@ -15,6 +15,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "extract": ("pipeline.extract", "embed shards with the frozen backbone (one feature file per shard)"),
     "cluster": ("pipeline.cluster", "cluster features into domains and concepts; assign every shard"),
     "pretrain": ("pipeline.pretrain", "stage-1 meta-pretraining (one process; use accelerate launch for more)"),
+    "finetune": ("pipeline.finetune", "stage-2 few-shot ProMetaR / IVLP / CoOp / zero-shot run, then evaluation"),
+    "evaluate": ("pipeline.evaluate", "re-evaluate a saved stage-2 run (base/new/HM, other datasets)"),
+    "report": ("pipeline.report", "aggregate a tree of runs into report.md, report.csv and plots"),
+    "demo-e2e": ("pipeline.demo_e2e", "the end-to-end digits demo: stage 1, 4 methods x 3 seeds, report"),
 }
 
 

@@ -115,6 +115,7 @@ SCHEMAS: dict[str, str] = {
     "cluster": "pipeline.cluster:ClusterConfig",
     "extract": "pipeline.extract:ExtractConfig",
     "pretrain": "pipeline.pretrain:PretrainConfig",
+    "finetune": "pipeline.finetune:FinetuneConfig",
 }
 
 

@@ -1,0 +1,151 @@
+"""Evaluation protocol (DESIGN section 6): base / new / HM, all-class, domain generalization, cross-dataset.
+
+    python -m pipeline.evaluate <run_dir> [--targets ImageNetV2 ImageNetSketch ...] [--subsets base new]
+
+Every subset is evaluated in its own label space (``base`` = first ceil(n/2) classes relabelled
+0..m-1, ``new`` = the rest relabelled 0..n-m-1); targets (other datasets) on all their test classes.
+The model is the last epoch's prompts (``<run_dir>/prompts.pt``, written by :mod:`pipeline.finetune`);
+a zero-shot run has none and uses frozen CLIP with the dataset's template. Accuracies are in percent.
+``results.json`` holds accuracies, counts, the run config and the git revision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from pipeline.checkpoint import atomic_write, git_revision, load_artifact
+from pipeline.data.fewshot import ImageListDataset, build_fewshot
+from pipeline.prompts import PromptedCLIP, Prompts
+from pipeline.zeroshot import zeroshot_weights
+
+RESULTS_FILE = "results.json"
+PROMPTS_FILE = "prompts.pt"
+
+
+def harmonic_mean(base: float, new: float) -> float:
+    """HM = 2BN / (B + N) (0 when both are 0)."""
+    return 2 * base * new / (base + new) if base + new > 0 else 0.0
+
+
+@torch.no_grad()
+def accuracy(model: PromptedCLIP, prompts: Prompts | None, items, classnames: Sequence[str], template: str,
+             transform, batch_size: int = 100, workers: int = 0) -> dict:
+    """Top-1 accuracy (percent) and counts of ``items`` among ``classnames`` (labels 0..len-1).
+
+    With ``prompts`` (possibly ``{}`` for a prompt-free learner) the classifier is the prompted class
+    texts; with ``None`` it is frozen CLIP's ``template`` classifier (zero-shot).
+    """
+    device = model.clip.logit_scale.device
+    if prompts is None:
+        text = zeroshot_weights(model, classnames, (template,))
+    else:
+        text = model.encode_classes(classnames, prompts)  # [C, D]
+    loader = DataLoader(ImageListDataset(items, transform), batch_size=batch_size, shuffle=False,
+                        num_workers=workers)
+    correct, total = 0, 0
+    per_class = torch.zeros(len(classnames), 2, dtype=torch.long)  # [C, (correct, total)]
+    for images, labels in loader:
+        feats = model.encode_image(images.to(device), prompts or None, normalize=True)
+        pred = (feats @ text.to(feats.dtype).t()).argmax(-1).cpu()
+        hit = pred == labels
+        correct += int(hit.sum())
+        total += int(labels.numel())
+        per_class.index_add_(0, labels, torch.stack([hit.long(), torch.ones_like(labels)], dim=1))
+    if total == 0:
+        raise ValueError("no test images to evaluate")
+    return {"accuracy": 100.0 * correct / total, "correct": correct, "total": total,
+            "n_classes": len(classnames), "per_class_accuracy": [round(100.0 * c / max(t, 1), 4)
+                                                               for c, t in per_class.tolist()]}
+
+
+def evaluate(cfg, model: PromptedCLIP, prompts: Prompts | None, transform) -> dict:
+    """Every evaluation ``cfg.eval`` asks for; returns the ``results.json`` payload (without metadata)."""
+    out: dict = {}
+    for subset in cfg.eval.subsets:
+        fs = build_fewshot(replace(cfg.data, subsample=subset))
+        out[subset] = accuracy(model, prompts, fs.test, fs.classnames, fs.template, transform,
+                               cfg.eval.batch_size, cfg.eval.workers)
+        out[subset]["classnames"] = list(fs.classnames)
+    if "base" in out and "new" in out:
+        out["hm"] = harmonic_mean(out["base"]["accuracy"], out["new"]["accuracy"])
+    targets = {}
+    for name in cfg.eval.targets:
+        fs = build_fewshot(replace(cfg.data, dataset=name, subsample="all", k_shot=0, split_file=""))
+        targets[name] = accuracy(model, prompts, fs.test, fs.classnames, fs.template, transform,
+                                 cfg.eval.batch_size, cfg.eval.workers)
+    if targets:
+        out["targets"] = targets
+    return out
+
+
+def write_results(run_dir: str | Path, cfg, cfg_dict: dict, results: dict, extra: dict | None = None) -> Path:
+    """``<run_dir>/results.json`` (atomic): accuracies, counts, identity of the run, config, git revision."""
+    payload = {"dataset": cfg.data.dataset, "method": cfg.method, "name": cfg.label, "seed": cfg.seed,
+               "init": cfg.init, "trained_on": cfg.data.subsample, "k_shot": cfg.data.k_shot, **results,
+               **(extra or {}), "config": cfg_dict, "git_revision": git_revision(), "time": time.time()}
+    path = Path(run_dir) / RESULTS_FILE
+    atomic_write(path, lambda f: f.write(json.dumps(payload, indent=1).encode()))
+    return path
+
+
+def load_run(run_dir: str | Path):
+    """The config, model, prompts (``None`` for zero-shot) and eval transform of a saved run."""
+    from pipeline.backbone import load_backbone
+    from pipeline.config import from_dict
+    from pipeline.finetune import FinetuneConfig
+
+    run_dir = Path(run_dir)
+    info = json.loads((run_dir / "run_info.json").read_text())
+    cfg = from_dict(FinetuneConfig, info["config"])
+    backbone = load_backbone(cfg.model.backbone, device="cpu" if cfg.cpu or not torch.cuda.is_available()
+                             else "cuda", seed=cfg.model.seed)
+    model = PromptedCLIP(backbone, cfg.model.prompts)
+    prompts = None
+    if cfg.method != "zeroshot":
+        art = load_artifact(run_dir / PROMPTS_FILE)
+        device = backbone.device
+        prompts = {k: v.to(device) for k, v in art.prompts.items()}
+    return cfg, info["config"], model, prompts, backbone.preprocess_val
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir", help="a run folder written by pipeline.finetune")
+    ap.add_argument("--subsets", nargs="*", default=None, help="class subsets (default: the run's eval.subsets)")
+    ap.add_argument("--targets", nargs="*", default=None, help="other datasets (domain / cross-dataset)")
+    ap.add_argument("--root", default=None, help="data root (default: the run's data.root)")
+    args = ap.parse_args(argv)
+    cfg, cfg_dict, model, prompts, transform = load_run(args.run_dir)
+    ev = cfg.eval
+    if args.subsets is not None:
+        ev = replace(ev, subsets=tuple(args.subsets))
+    if args.targets is not None:
+        ev = replace(ev, targets=tuple(args.targets))
+    cfg = replace(cfg, eval=ev, data=replace(cfg.data, root=args.root) if args.root else cfg.data)
+    results = evaluate(cfg, model, prompts, transform)
+    old = Path(args.run_dir) / RESULTS_FILE
+    extra = {}
+    if old.exists():  # keep the training summary of the run
+        extra = {k: v for k, v in json.loads(old.read_text()).items() if k == "train"}
+    path = write_results(args.run_dir, cfg, cfg_dict, results, extra)
+    summary = {k: round(v["accuracy"], 2) for k, v in results.items() if isinstance(v, dict) and "accuracy" in v}
+    if "hm" in results:
+        summary["hm"] = round(results["hm"], 2)
+    for name, t in results.get("targets", {}).items():
+        summary[name] = round(t["accuracy"], 2)
+    print(f"evaluate: {json.dumps(summary)}; wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""The stage-2 training loop behind :mod:`pipeline.finetune` (kept apart so the entry point stays small)."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import replace
+
+import torch
+from torch.utils.data import DataLoader
+
+from pipeline.backbone import load_backbone
+from pipeline.checkpoint import (
+    CHECKPOINT_DIR,
+    artifact_metadata,
+    check_compatible,
+    latest_checkpoint,
+    load_artifact,
+    load_checkpoint,
+    rng_state,
+    save_artifact,
+    save_checkpoint,
+    set_rng_state,
+)
+from pipeline.config import ConfigError
+from pipeline.data.fewshot import ImageListDataset, build_fewshot
+from pipeline.distributed import Distributed
+from pipeline.evaluate import PROMPTS_FILE, evaluate, write_results
+from pipeline.meta.objective import Batch, Objective
+from pipeline.meta.prometar import prometar_iteration
+from pipeline.prompts import PromptedCLIP
+from pipeline.regulator import Regulator
+from pipeline.tracking import Tracker, progress
+
+
+def prompt_lr_lambda(optim):
+    """Multiplier of ``optim.lr`` at an epoch: constant ``warmup_lr`` for ``warmup_epochs``, then cosine
+    over all epochs (stepped once per epoch)."""
+
+    def f(epoch: int) -> float:
+        if epoch < optim.warmup_epochs:
+            return optim.warmup_lr / optim.lr if optim.lr > 0 else 0.0
+        return 0.5 * (1 + math.cos(math.pi * epoch / max(1, optim.epochs)))
+
+    return f
+
+
+def regulator_lr_lambda(optim):
+    """Multiplier of ``regulator.lr`` at an epoch: linear warmup, then cosine (its own schedule)."""
+
+    def f(epoch: int) -> float:
+        if epoch < optim.regulator_warmup_epochs:
+            return (epoch + 1) / (optim.regulator_warmup_epochs + 1)
+        return 0.5 * (1 + math.cos(math.pi * epoch / max(1, optim.epochs)))
+
+    return f
+
+
+def init_from_artifact(cfg, model_meta: dict, prompts: dict, regulator: Regulator) -> dict:
+    """Copy prompts (and the regulator when it has parameters) from ``cfg.artifact``; raises
+    ``ValueError`` naming every mismatch of backbone, prompt type, prompt shapes or regulator."""
+    art = load_artifact(cfg.artifact)
+    check_compatible(art.metadata, model_meta)
+    with torch.no_grad():
+        for k, v in prompts.items():
+            v.copy_(art.prompts[k].to(v))
+    loaded_regulator = False
+    if any(True for _ in regulator.parameters()):
+        kind = art.metadata.get("regulator.kind")
+        if kind != cfg.regulator.kind:
+            raise ValueError(f"incompatible artifact: its regulator.kind={kind!r} but this run uses "
+                             f"{cfg.regulator.kind!r}")
+        want = {k: tuple(v.shape) for k, v in regulator.state_dict().items()}
+        have = {k: tuple(v.shape) for k, v in art.regulator_state.items()}
+        if want != have:
+            diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+            raise ValueError(f"incompatible artifact: regulator shapes differ at {diff[:4]} (check "
+                             f"regulator.hidden; artifact {[have.get(k) for k in diff[:2]]}, run "
+                             f"{[want.get(k) for k in diff[:2]]})")
+        regulator.load_state_dict(art.regulator_state)
+        loaded_regulator = True
+    return {"artifact": str(cfg.artifact), "artifact_steps": art.metadata.get("steps"),
+            "regulator_from_artifact": loaded_regulator}
+
+
+def train(cfg, cfg_dict: dict) -> dict:
+    """Train one run, save its prompts, evaluate; returns the results dict written to results.json."""
+    dist = Distributed(cfg.mixed_precision, cpu=cfg.cpu)
+    try:
+        if dist.world_size > 1:
+            raise ConfigError(f"stage 2 runs in one process (got {dist.world_size}); launch one job per run")
+        return _train(cfg, cfg_dict, dist)
+    finally:
+        dist.shutdown()
+
+
+def _train(cfg, cfg_dict: dict, dist: Distributed) -> dict:
+    run_dir, device = cfg.run_dir, dist.device
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    if cfg.force and (run_dir / CHECKPOINT_DIR).exists():
+        shutil.rmtree(run_dir / CHECKPOINT_DIR)
+    backbone = load_backbone(cfg.model.backbone, device=device, seed=cfg.model.seed)
+    model = PromptedCLIP(backbone, cfg.model.prompts, generator=torch.Generator().manual_seed(cfg.seed))
+    prompts = model.initial_prompts()
+    torch.manual_seed(cfg.seed)  # the regulator's init draws from the global RNG
+    regulator = Regulator.for_prompts(prompts, cfg.regulator).to(device)
+    model_meta = artifact_metadata(cfg_dict, {k: v.detach() for k, v in prompts.items()})
+    init_info = init_from_artifact(cfg, model_meta, prompts, regulator) if cfg.init == "artifact" else {}
+
+    fs = build_fewshot(cfg.data)
+    templates = cfg.frozen_templates or (fs.template,)
+    objective = Objective(model, cfg.loss, templates=templates)
+    reg_params = [p for p in regulator.parameters() if p.requires_grad]
+    train_prompts = bool(prompts) and cfg.optim.epochs > 0
+    sgd = torch.optim.SGD(list(prompts.values()) or [torch.zeros(1, requires_grad=True)], lr=cfg.optim.lr,
+                          momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+    adamw = torch.optim.AdamW(reg_params, lr=cfg.regulator.lr, weight_decay=cfg.regulator.weight_decay) \
+        if reg_params and cfg.meta.meta_step else None
+    sched = torch.optim.lr_scheduler.LambdaLR(sgd, prompt_lr_lambda(cfg.optim))
+    reg_sched = torch.optim.lr_scheduler.LambdaLR(adamw, regulator_lr_lambda(cfg.optim)) if adamw else None
+    dataset = ImageListDataset(fs.train, backbone.preprocess_train)
+    iters_per_epoch = math.ceil(len(dataset) / cfg.optim.batch_size)
+    total = iters_per_epoch * cfg.optim.epochs if train_prompts else 0
+
+    epoch, step, nonfinite, consecutive = 0, 0, 0, 0
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is not None and train_prompts:  # resume at the start of the epoch after the last saved one
+        state = load_checkpoint(ckpt, map_location=device)
+        with torch.no_grad():
+            for k, v in prompts.items():
+                v.copy_(state["prompts"][k])
+        regulator.load_state_dict(state["regulator"])
+        sgd.load_state_dict(state["sgd"])
+        sched.load_state_dict(state["sched"])
+        if adamw is not None:
+            adamw.load_state_dict(state["adamw"])
+            reg_sched.load_state_dict(state["reg_sched"])
+        set_rng_state(state["rng"])
+        epoch, step, nonfinite = int(state["epoch"]), int(state["step"]), int(state["nonfinite"])
+    tracker = Tracker(run_dir, _tracking(cfg), cfg_dict, resume=ckpt is not None,
+                      resume_step=step if ckpt is not None else None)
+    t_start = time.perf_counter()
+    with tracker:
+        bar = progress(total, True, desc=f"{cfg.data.dataset}/{cfg.label}/seed{cfg.seed}")
+        bar.update(step)
+        while train_prompts and epoch < cfg.optim.epochs:
+            order = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)  # same batches on resume
+            loader = DataLoader(dataset, batch_size=cfg.optim.batch_size, shuffle=True, generator=order,
+                                num_workers=cfg.workers)
+            for images, labels in loader:
+                t0 = time.perf_counter()
+                batch = Batch(images.to(device), labels.to(device), tuple(fs.classnames))
+                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1_009 + 7)
+                with dist.autocast():
+                    result = prometar_iteration(objective, prompts, regulator, batch, cfg.meta, sgd, adamw, gen)
+                bad = any(s.startswith("nonfinite") for s in result.skipped)
+                nonfinite, consecutive = nonfinite + bad, (consecutive + 1) if bad else 0
+                if consecutive >= cfg.optim.max_nonfinite:
+                    raise RuntimeError(f"{consecutive} consecutive iterations had non-finite gradients "
+                                       f"(optim.max_nonfinite={cfg.optim.max_nonfinite}); last step {step}")
+                step += 1
+                bar.update(1)
+                if tracker.should_log(step) or step == total:
+                    log = {k: v for k, v in result.as_dict().items() if not math.isnan(v)}
+                    log.update(epoch=epoch, lr=sgd.param_groups[0]["lr"], nonfinite_steps=nonfinite,
+                               iter_s=time.perf_counter() - t0)
+                    if adamw is not None:
+                        log["regulator_lr"] = adamw.param_groups[0]["lr"]
+                    tracker.log(log, step=step)
+            epoch += 1
+            sched.step()
+            if reg_sched is not None:
+                reg_sched.step()
+            save_checkpoint(run_dir, step, {
+                "epoch": epoch, "step": step, "nonfinite": nonfinite,
+                "prompts": {k: v.detach() for k, v in prompts.items()}, "regulator": regulator.state_dict(),
+                "sgd": sgd.state_dict(), "sched": sched.state_dict(), "rng": rng_state(),
+                **({"adamw": adamw.state_dict(), "reg_sched": reg_sched.state_dict()} if adamw else {})},
+                keep_last=1)
+        bar.close()
+        train_s = time.perf_counter() - t_start
+        if prompts:
+            meta = artifact_metadata(cfg_dict, {k: v.detach() for k, v in prompts.items()},
+                                     {"stage": "finetune", "method": cfg.method, "steps": step,
+                                      "regulator.kind": cfg.regulator.kind})
+            save_artifact(run_dir / PROMPTS_FILE, prompts, regulator.state_dict(), meta)
+        t0 = time.perf_counter()
+        model.eval()
+        results = evaluate(cfg, model, {k: v.detach() for k, v in prompts.items()} if prompts else None,
+                           backbone.preprocess_val)
+        summary = {"steps": step, "epochs": epoch, "nonfinite_steps": nonfinite, "train_seconds": train_s,
+                   "eval_seconds": time.perf_counter() - t0, **init_info}
+        path = write_results(run_dir, cfg, cfg_dict, results, {"train": summary})
+        final = {f"test/{s}_accuracy": results[s]["accuracy"] for s in cfg.eval.subsets}
+        if "hm" in results:
+            final["test/hm"] = results["hm"]
+        for name, t in results.get("targets", {}).items():
+            final[f"test/{name}_accuracy"] = t["accuracy"]
+        tracker.summary({**final, **{k: v for k, v in summary.items() if isinstance(v, int | float)},
+                         "results": str(path)})
+    return results
+
+
+def _tracking(cfg):
+    """The run's tracking settings with a W&B name identifying (dataset, method, seed) when none is set."""
+    t = cfg.tracking
+    return t if t.name else replace(t, name=f"{cfg.data.dataset}-{cfg.label}-seed{cfg.seed}")
+

@@ -1,0 +1,200 @@
+"""Aggregate a tree of stage-2 runs into the standard base-to-new table, a CSV and plots.
+
+    python -m pipeline.report <runs_root> [--out DIR]
+
+Reads every ``results.json`` under ``runs_root`` (datasets x methods x seeds, any layout). Per dataset
+and method: mean +- std over seeds of base and new accuracy, and HM = 2BN/(B+N) of the two means.
+Overall per method (datasets it has base and new results for): HM of the mean base and the mean new
+over datasets (DESIGN section 6). Other-dataset targets (domain generalization, cross-dataset) get
+their own table of means. Writes ``report.md``, ``report.csv``, ``report_accuracy.png`` and
+``report_curves.png`` (training curves from each run's ``metrics.jsonl``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from pipeline.evaluate import RESULTS_FILE, harmonic_mean
+
+
+def collect(root: str | Path) -> list[dict]:
+    """One row per ``results.json``: dataset, name, seed, base/new/all accuracy, targets, run dir."""
+    rows = []
+    for path in sorted(Path(root).rglob(RESULTS_FILE)):
+        r = json.loads(path.read_text())
+        row = {"dataset": r["dataset"], "name": r.get("name") or r["method"], "seed": r["seed"],
+               "run_dir": str(path.parent)}
+        for s in ("base", "new", "all"):
+            if isinstance(r.get(s), dict):
+                row[s] = r[s]["accuracy"]
+        row["targets"] = {k: v["accuracy"] for k, v in r.get("targets", {}).items()}
+        rows.append(row)
+    return rows
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def aggregate(rows: list[dict]) -> dict:
+    """``{"per_dataset": {(dataset, name): stats}, "overall": {name: stats}, "targets": {name: {t: mean}}}``."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["dataset"], r["name"])].append(r)
+    per_dataset = {}
+    for key, rs in sorted(groups.items()):
+        stats = {"seeds": sorted(r["seed"] for r in rs)}
+        for s in ("base", "new", "all"):
+            vals = [r[s] for r in rs if s in r]
+            if vals:
+                stats[s], stats[f"{s}_std"] = _mean_std(vals)
+        if "base" in stats and "new" in stats:
+            stats["hm"] = harmonic_mean(stats["base"], stats["new"])
+        per_dataset[key] = stats
+    overall = {}
+    for name in sorted({n for _, n in per_dataset}):
+        parts = [(v["base"], v["new"]) for (d, n), v in per_dataset.items() if n == name and "hm" in v]
+        if parts:
+            overall[name] = overall_average(parts)
+    targets: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        for t, acc in r["targets"].items():
+            targets[r["name"]][t].append(acc)
+    return {"per_dataset": per_dataset, "overall": overall,
+            "targets": {n: {t: statistics.fmean(v) for t, v in ts.items()} for n, ts in targets.items()}}
+
+
+def overall_average(parts: list[tuple[float, float]]) -> dict:
+    """Protocol average over datasets from per-dataset (mean base, mean new): HM of the two means."""
+    base = statistics.fmean(b for b, _ in parts)
+    new = statistics.fmean(n for _, n in parts)
+    return {"base": base, "new": new, "hm": harmonic_mean(base, new), "datasets": len(parts)}
+
+
+def _pm(stats: dict, key: str) -> str:
+    return f"{stats[key]:.2f} ± {stats[key + '_std']:.2f}" if key in stats else "-"
+
+
+def markdown(agg: dict) -> str:
+    lines = ["| Dataset | Method | Seeds | Base | New | HM | All |", "|---|---|---|---|---|---|---|"]
+    for (dataset, name), s in agg["per_dataset"].items():
+        hm = f"{s['hm']:.2f}" if "hm" in s else "-"
+        lines.append(f"| {dataset} | {name} | {len(s['seeds'])} | {_pm(s, 'base')} | {_pm(s, 'new')} | {hm} "
+                     f"| {_pm(s, 'all')} |")
+    if agg["overall"]:
+        lines += ["", "Average over datasets (HM of the mean base and mean new accuracy):", "",
+                  "| Method | Datasets | Base | New | HM |", "|---|---|---|---|---|"]
+        for name, o in agg["overall"].items():
+            lines.append(f"| {name} | {o['datasets']} | {o['base']:.2f} | {o['new']:.2f} | {o['hm']:.2f} |")
+    if agg["targets"]:
+        names = sorted({t for ts in agg["targets"].values() for t in ts})
+        lines += ["", "Other datasets (mean over seeds):", "", "| Method | " + " | ".join(names) + " |",
+                  "|---|" + "---|" * len(names)]
+        for name, ts in agg["targets"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{ts[t]:.2f}" if t in ts else "-" for t in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(agg: dict, path: Path) -> None:
+    keys = ["base", "base_std", "new", "new_std", "hm", "all", "all_std"]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["dataset", "method", "seeds", *keys])
+        for (dataset, name), s in agg["per_dataset"].items():
+            w.writerow([dataset, name, " ".join(map(str, s["seeds"])),
+                        *[f"{s[k]:.4f}" if k in s else "" for k in keys]])
+        for name, o in agg["overall"].items():
+            w.writerow(["AVERAGE", name, "", f"{o['base']:.4f}", "", f"{o['new']:.4f}", "", f"{o['hm']:.4f}",
+                        "", ""])
+
+
+def plot_accuracy(agg: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = sorted({d for d, _ in agg["per_dataset"]})
+    names = sorted({n for _, n in agg["per_dataset"]})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4 + 3 * len(datasets), 3.5), squeeze=False)
+    width = 0.8 / max(1, len(names))
+    for ax, dataset in zip(axes[0], datasets):
+        for i, name in enumerate(names):
+            s = agg["per_dataset"].get((dataset, name), {})
+            vals = [s.get(k, 0.0) for k in ("base", "new", "hm")]
+            errs = [s.get(f"{k}_std", 0.0) for k in ("base", "new")] + [0.0]
+            ax.bar([x + i * width for x in range(3)], vals, width, yerr=errs, label=name)
+        ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(3)], ["base", "new", "HM"])
+        ax.set_title(dataset)
+        ax.set_ylabel("accuracy (%)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_curves(rows: list[dict], path: Path, metric: str = "reg_step/task") -> bool:
+    """Training loss per step of every run with a ``metrics.jsonl`` (one line per run); False if none."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = []
+    for r in rows:
+        f = Path(r["run_dir"]) / "metrics.jsonl"
+        if f.exists():
+            pts = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+            pts = [(p["step"], p[metric]) for p in pts if metric in p]
+            if pts:
+                series.append((f"{r['dataset']}/{r['name']}/seed{r['seed']}", pts))
+    if not series:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, pts in series:
+        ax.plot(*zip(*pts), label=label, linewidth=1)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def report(root: str | Path, out: str | Path | None = None) -> dict:
+    """Write the report files for the runs under ``root``; returns paths and the aggregate."""
+    rows = collect(root)
+    if not rows:
+        raise FileNotFoundError(f"no {RESULTS_FILE} under {root}")
+    out = Path(out or root)
+    out.mkdir(parents=True, exist_ok=True)
+    agg = aggregate(rows)
+    text = markdown(agg)
+    (out / "report.md").write_text(f"# Results under {root}\n\n{text}", encoding="utf-8")
+    write_csv(agg, out / "report.csv")
+    plot_accuracy(agg, out / "report_accuracy.png")
+    curves = plot_curves(rows, out / "report_curves.png")
+    return {"markdown": text, "aggregate": agg, "runs": len(rows), "out": str(out), "curves": curves}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(prog="python -m pipeline.report", description=__doc__.splitlines()[0])
+    ap.add_argument("runs_root", help="folder holding run folders with results.json")
+    ap.add_argument("--out", default=None, help="where to write the report (default: runs_root)")
+    args = ap.parse_args(argv)
+    result = report(args.runs_root, args.out)
+    print(result["markdown"])
+    print(f"report: {result['runs']} runs -> {result['out']}/report.md, report.csv, report_*.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
