@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # build matching its own CUDA; these two releases install from the local wheel cache on our machines.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-all demo lint clean
+.PHONY: install test test-all demo demo-pretrain lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,12 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''
 
+# The end-to-end demo: demo backbone -> stage 1 (pipeline/pretrain.py) -> stage 2, 4 methods x 3 seeds -> table.
 demo: $(STAMP)
+	$(PY) -m pipeline.demo_e2e
+
+# Stage 1 of the demo alone, through accelerate.
+demo-pretrain: $(STAMP)
 	$(VENV)/bin/accelerate launch --config_file launch/accelerate/cpu_1proc.yaml pipeline/pretrain.py
 
 lint: $(STAMP)

@@ -127,7 +127,7 @@ def _train(cfg, cfg_dict: dict, dist: Distributed) -> dict:
     epoch, step, nonfinite, consecutive = 0, 0, 0, 0
     ckpt = latest_checkpoint(run_dir)
     if ckpt is not None and train_prompts:  # resume at the start of the epoch after the last saved one
-        state = load_checkpoint(ckpt, map_location=device)
+        state = load_checkpoint(ckpt, map_location="cpu")
         with torch.no_grad():
             for k, v in prompts.items():
                 v.copy_(state["prompts"][k])

@@ -127,7 +127,7 @@ def _train(cfg, cfg_dict: dict, dist: Distributed) -> dict:
                           "use a new run_dir (a fresh run would overwrite them)")
     ckpt = latest_checkpoint(run_dir) if cfg.checkpoint.resume else None
     if ckpt is not None:
-        state = load_checkpoint(ckpt, map_location=device)
+        state = load_checkpoint(ckpt, map_location="cpu")  # copied onto the right device below
         with torch.no_grad():
             for k, v in prompts.items():
                 v.copy_(state["prompts"][k])

@@ -36,7 +36,7 @@ def test_make_targets_in_readme_exist():
     assert "make test" in ci and "make test" in README
 
 
-@pytest.mark.parametrize("module", ["pipeline.data.shard_writer", "pipeline.extract", "pipeline.cluster",
+@pytest.mark.parametrize("module", ["pipeline.data.shard_writer", "pipeline.extract", "pipeline.cluster", "pipeline.finetune", "pipeline.evaluate", "pipeline.report", "pipeline.demo_e2e",
                                    "pipeline.pretrain"])
 def test_documented_entry_points_answer_help(module):
     out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
@@ -51,3 +51,10 @@ def test_cli_dispatch(capsys):
     for name in ("extract", "cluster", "pretrain", "write-shards"):
         assert name in listed
     assert cli.main(["nope"]) == 2
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "slurm").iterdir() if p.suffix in (".sbatch", ".sh")))
+def test_slurm_scripts_parse(script):
+    out = subprocess.run(["bash", "-n", str(ROOT / "slurm" / script)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert script in (ROOT / "slurm" / "README.md").read_text()
