@@ -177,3 +177,38 @@ def test_dependency_chain_extract_cluster_pretrain_finetune_report(data, tmp_pat
     for name, job in jobs.items():
         for log in ROOT.glob(f"{name}_{job}*.out"):
             log.unlink()
+
+
+def test_dependency_chain_on_the_demo_data(tmp_path, monkeypatch):
+    """extract -> cluster -> pretrain -> finetune array -> report on the bundled digits (backbone cached)."""
+    from pipeline.data.config import DemoConfig
+    from pipeline.data.demo import build_demo
+    from pipeline.data.shards import expand_sources
+
+    monkeypatch.chdir(ROOT)  # the demo's paths (cache/demo, configs) are relative to the repository
+    info = build_demo(DemoConfig())  # trains the demo backbone once (cached), as `make demo` does
+    feats, clusters, run, runs = (tmp_path / n for n in ("features", "clusters", "pretrain", "finetune"))
+    table = tmp_path / "sweep.tsv"
+    table.write_text("dataset seed method\nDigits 1 prometar\nDigits 2 prometar\n")
+    cmd = [sys.executable, "slurm/submit.py", "--shards", str(len(expand_sources(info["shards"])[0])),
+           "--extract", "configs/extract/demo.yaml", "--extract-args", f"urls={info['shards']}", f"out_dir={feats}",
+           "--cluster", "configs/cluster/demo.yaml", "--cluster-args", f"features_dir={feats}", f"out_dir={clusters}",
+           "--pretrain", "configs/pretrain/demo.yaml", "--pretrain-args", f"run_dir={run}",
+           f"data.urls={info['shards']}", f"data.clusters_dir={clusters}", "optim.steps=4", "checkpoint.every=2",
+           "episodes.p_cross_domain=0", "data.workers=0", "tracking.wandb_mode=disabled",
+           "--finetune", "configs/finetune/demo.yaml", "--table", str(table), "--run-root", str(runs),
+           "--finetune-args", "optim.epochs=1", f"data.shot_cache_dir={tmp_path / 'shots'}", "init=artifact",
+           f"artifact={run / 'artifact.pt'}", "tracking.wandb_mode=disabled", "--sweep", "ci-demo-chain"]
+    env = _env(ACCELERATE_CONFIG="launch/accelerate/cpu_2proc.yaml", PROCS_PER_NODE="1")
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    jobs = dict(item.split("=") for item in out.stdout.split())
+    for name in jobs:
+        states = wait(jobs[name], timeout=400)
+        assert set(states) == {"COMPLETED"}, (name, states, _log(ROOT, f"{name}_{jobs[name]}*.out")[-3000:])
+    assert len(list(feats.glob("*.done"))) == len(expand_sources(info["shards"])[0])
+    assert (clusters / "concepts.json").exists() and load_artifact(run / "artifact.pt").metadata["steps"] == 4
+    results = sorted(runs.glob("Digits/*/seed_*/results.json"))
+    assert len(results) == 2 and (runs / "report.md").exists()
+    for name, job in jobs.items():
+        for log in ROOT.glob(f"{name}_{job}*.out"):
+            log.unlink()
