@@ -179,6 +179,7 @@ def test_dependency_chain_extract_cluster_pretrain_finetune_report(data, tmp_pat
             log.unlink()
 
 
+@pytest.mark.slow  # trains the demo backbone when it is not cached; .ci/run runs it after `make demo`
 def test_dependency_chain_on_the_demo_data(tmp_path, monkeypatch):
     """extract -> cluster -> pretrain -> finetune array -> report on the bundled digits (backbone cached)."""
     from pipeline.data.config import DemoConfig
