@@ -107,12 +107,16 @@ def test_pretrain_job_is_requeued_and_resumes(data, tmp_path):
     assert metrics.exists(), _log(tmp_path, "pretrain_*.out")
     # what SLURM sends before the time limit (--signal=B:USR1@300), now
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
-    # SLURM holds a requeued job for a while before it is eligible again; release it at once
-    deadline = time.time() + 120
+    # SLURM holds a requeued job (BeginTime) for about two minutes before it is eligible again. Shorten
+    # the hold, but not to zero: the old allocation's credential must be revoked first, or the restart
+    # is killed as "non-startable" (seen when released within the same second).
+    deadline, pending_since = time.time() + 180, None
     while time.time() < deadline and "restart 1" not in _log(tmp_path, "pretrain_*.out"):
-        if "Restarts=1" in subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True,
-                                          text=True).stdout:
-            subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], capture_output=True)
+        info = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True).stdout
+        if "Restarts=1" in info and "JobState=PENDING" in info:
+            pending_since = pending_since or time.time()
+            if time.time() - pending_since > 15:
+                subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], capture_output=True)
         time.sleep(1)
     assert wait(job, timeout=400) == ["COMPLETED"], _log(tmp_path, "pretrain_*.out")
     log = _log(tmp_path, "pretrain_*.out")
