@@ -12,7 +12,6 @@ Outputs under ``out_dir``: ``hierarchy.npz``, ``assign/<shard>.npz`` (keys, doma
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from collections import Counter, defaultdict
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, load_config, parse_config_args
 from pipeline.data.clustering import Hierarchy, KMeansConfig, clean_caption, fit_hierarchy
 from pipeline.data.features import finished_stems, read_features
 
@@ -176,11 +175,8 @@ def _write_summary(out: Path, concepts: list[dict], hierarchy: Hierarchy, n_shar
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pipeline cluster", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="YAML delta over ClusterConfig")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    args = parser.parse_args(argv)
-    cfg = load_config(ClusterConfig, args.config, args.overrides)
+    path, overrides = parse_config_args(argv, "pipeline cluster", __doc__.splitlines()[0], "ClusterConfig")
+    cfg = load_config(ClusterConfig, path, overrides)
     stems = finished_stems(cfg.features_dir)
     if not stems:
         raise SystemExit(f"pipeline cluster: no finished feature files in {cfg.features_dir}")

@@ -14,6 +14,7 @@ back into the frozen dataclasses, so code downstream gets plain typed Python obj
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib
 from dataclasses import dataclass, field
@@ -171,6 +172,15 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
         raise ConfigError(f"missing or invalid value for {key!r}: {_first_line(e)}") from None
     _validate(obj)
     return obj
+
+
+def parse_config_args(argv: list[str] | None, prog: str, description: str, schema_name: str) -> tuple[str | None, list[str]]:
+    """The command line every stage takes: ``[--config YAML] [key=value ...]`` -> (yaml path, overrides)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", default=None, help=f"YAML delta over {schema_name}")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    args = parser.parse_args(argv)
+    return args.config, args.overrides
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

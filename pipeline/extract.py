@@ -14,7 +14,6 @@ L2-normalised and stored in fp16 with the sample keys and captions.
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 
 from pipeline.backbone import load_backbone
-from pipeline.config import BackboneConfig, ConfigError, load_config
+from pipeline.config import BackboneConfig, ConfigError, load_config, parse_config_args
 from pipeline.data.config import ShardDataConfig
 from pipeline.data.features import ShardFeatures, is_done, shard_stem, write_features
 from pipeline.data.shards import build_shard_loader, expand_sources
@@ -130,11 +129,8 @@ def run(cfg: ExtractConfig, rank: int = 0, world_size: int = 1, device: str | to
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pipeline extract", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="YAML delta over ExtractConfig")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    args = parser.parse_args(argv)
-    cfg = load_config(ExtractConfig, args.config, args.overrides)
+    path, overrides = parse_config_args(argv, "pipeline extract", __doc__.splitlines()[0], "ExtractConfig")
+    cfg = load_config(ExtractConfig, path, overrides)
     dist = Distributed(cpu=cfg.cpu)  # launcher variables -> rank, world size, device
     try:
         report = run(cfg, dist.rank, dist.world_size, dist.device)

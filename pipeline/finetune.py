@@ -15,7 +15,6 @@ of those fields explicitly to another value is an error naming both, never silen
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 if __package__ in (None, ""):  # `python pipeline/finetune.py` runs this file as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import ConfigError, ModelConfig, load_config, to_dict
+from pipeline.config import ConfigError, ModelConfig, load_config, parse_config_args, to_dict
 from pipeline.data.config import FewShotConfig
 from pipeline.meta.config import LossConfig, MetaConfig, RegulatorConfig, validate_meta_learning
 from pipeline.tracking import TrackingConfig
@@ -248,11 +247,9 @@ def load_finetune_config(path: str | Path | None = None, overrides: list[str] | 
 
 
 def parse(argv: list[str]) -> FinetuneConfig:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.finetune", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="YAML delta over FinetuneConfig")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides (method=ivlp seed=2 ...)")
-    args = parser.parse_args(argv)
-    return load_finetune_config(args.config, args.overrides)
+    path, overrides = parse_config_args(argv, "python -m pipeline.finetune", __doc__.splitlines()[0],
+                                        "FinetuneConfig")
+    return load_finetune_config(path, overrides)
 
 
 def run(cfg: FinetuneConfig) -> dict:

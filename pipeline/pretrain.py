@@ -14,7 +14,6 @@ metadata) that stage 2 starts from.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ if __package__ in (None, ""):  # `accelerate launch pipeline/pretrain.py` runs t
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-from pipeline.config import ConfigError, ModelConfig, load_config, to_dict
+from pipeline.config import ConfigError, ModelConfig, load_config, parse_config_args, to_dict
 from pipeline.data.episodes import EpisodeConfig
 from pipeline.data.task_stream import TaskDataConfig
 from pipeline.meta.config import LossConfig, MetaConfig, RegulatorConfig, validate_meta_learning
@@ -136,11 +135,8 @@ def lr_lambda(cfg: OptimConfig):
 
 
 def parse(argv: list[str]) -> PretrainConfig:
-    parser = argparse.ArgumentParser(prog="pipeline.pretrain", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="YAML delta over PretrainConfig")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    args = parser.parse_args(argv)
-    return load_config(PretrainConfig, args.config, args.overrides)
+    path, overrides = parse_config_args(argv, "pipeline.pretrain", __doc__.splitlines()[0], "PretrainConfig")
+    return load_config(PretrainConfig, path, overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
