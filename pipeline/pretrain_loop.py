@@ -26,6 +26,7 @@ from pipeline.data.episodes import Episode
 from pipeline.data.task_stream import slot_loader
 from pipeline.distributed import Distributed
 from pipeline.meta.objective import Batch, Objective
+from pipeline.meta.prometar import all_finite
 from pipeline.meta.step import meta_step
 from pipeline.prompts import PromptedCLIP
 from pipeline.regulator import Regulator
@@ -43,10 +44,6 @@ def episode_batches(ep: Episode, device: torch.device) -> tuple[Batch, Batch]:
     else:
         query = Batch(ep.query_images.to(device), ep.query_labels.to(device), tuple(ep.classnames[:n]))
     return support, query
-
-
-def _finite(tensors) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 class Streams:
@@ -176,7 +173,7 @@ def _train(cfg, cfg_dict: dict, dist: Distributed) -> dict:
                 for acc, g in zip(grads, flat):
                     acc.add_(g.detach().to(acc.dtype), alpha=1.0 / len(tasks))
                 metrics.append(result.metrics.as_dict())
-            bad = dist.any(not _finite(grads) or any(not math.isfinite(m["outer_loss"]) for m in metrics))
+            bad = dist.any(not all_finite(grads) or any(not math.isfinite(m["outer_loss"]) for m in metrics))
             update = math.nan
             payload = 0
             if bad:  # every rank skips together, so parameters stay identical

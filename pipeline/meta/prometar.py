@@ -118,7 +118,8 @@ def _distance(before: list[Tensor], after) -> Tensor:
     return torch.sqrt(sum((a.detach().double() - b.double()).pow(2).sum() for a, b in zip(after, before)))
 
 
-def _finite(tensors) -> bool:
+def all_finite(tensors) -> bool:
+    """True when every element of every tensor is finite."""
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
@@ -162,7 +163,7 @@ def prometar_iteration(
             **step.stats,
         },
     )
-    if _finite(grads):
+    if all_finite(grads):
         for p, g in zip(params, grads):
             p.grad = g
         prompt_optimizer.step()
@@ -190,7 +191,7 @@ def prometar_iteration(
         values["meta_grad_norm_prompts"] = _grad_norm(p_grads)
         values["meta_grad_norm_regulator"] = _grad_norm(r_grads)
         regulator_before = _snapshot(reg_params)
-        if _finite(p_grads + r_grads):
+        if all_finite(p_grads + r_grads):
             for p, g in zip(params, p_grads):
                 p.grad = g
             prompt_optimizer.step()
