@@ -23,15 +23,6 @@ REL_TOL = 1e-4
 FD_EPS = 1e-6
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: one intra-op thread is faster and immune to oversubscribed CPUs.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model64():
     torch.manual_seed(0)

@@ -24,15 +24,6 @@ MIN_REGULATOR_CHANGE = 0.05  # ||phi_100 - phi_0|| / ||phi_0||
 MIN_GAMMA_CHANGE = 0.01  # |gamma_std_100 - gamma_std_0| and max |gamma_mean_t - gamma_mean_0|
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: one intra-op thread is faster and immune to oversubscribed CPUs.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class ToyTasks:
     """Six concepts, each a fixed random image prototype; samples are prototype + noise."""
 

@@ -16,15 +16,6 @@ from pipeline.regulator import Regulator
 CLASSES = ("cat", "dog", "car", "tree", "boat")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: one intra-op thread is faster and immune to oversubscribed CPUs.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _setup(backbone, kind="modulate", seed=0):
     model = PromptedCLIP(backbone, PromptConfig(type="ivlp", depth_text=3, depth_vision=3), generator=torch.Generator().manual_seed(seed))
     prompts = model.initial_prompts()
