@@ -138,7 +138,8 @@ class PromptedCLIP(nn.Module):
         """Token ids ``[C, L]`` and frozen token embeddings ``[C, L, width]`` of the class texts.
 
         The text is ``"X .. X classname."`` with one placeholder per context token (the placeholders'
-        embeddings are replaced by the prompts). Cached per class set (LRU of ``text_cache_size``).
+        embeddings are replaced by the prompts). ``L`` is cut after the longest text's EOT where that
+        cannot change the features (:meth:`text_length`). Cached per class set (LRU of ``text_cache_size``).
         """
         key = tuple(classnames)
         hit = self._text_cache.get(key)
@@ -149,12 +150,31 @@ class PromptedCLIP(nn.Module):
         texts = [f"{prefix} {name}." if prefix else f"{name}." for name in classnames]
         emb_layer = self.text_tower.token_embedding
         ids = self.tokenizer(texts).to(emb_layer.weight.device)
+        ids = ids[:, : self.text_length(ids)]
         with torch.no_grad():
             emb = emb_layer(ids)
         self._text_cache[key] = (ids, emb)
         if len(self._text_cache) > self.text_cache_size:
             self._text_cache.popitem(last=False)
         return ids, emb
+
+    def text_length(self, ids: Tensor) -> int:
+        """How many leading positions of ``ids`` the pooled feature depends on.
+
+        Under a causal mask, position ``i`` only attends to positions ``<= i``; with EOT (argmax) pooling
+        the feature is read at the EOT position, so everything after the longest text's EOT is padding
+        that cannot change the result. Class texts are ~10 tokens of a 77-token context, so cutting the
+        padding makes every text-tower forward and backward (of which the meta step runs several) several
+        times cheaper. Towers without a causal mask or with ``last`` pooling keep the full length.
+        """
+        tower = self.text_tower
+        if tower.attn_mask is None or tower.text_pool_type not in ("argmax", "eos", "first"):
+            return int(ids.shape[1])
+        if tower.text_pool_type == "eos" and getattr(tower, "text_eos_id", None) is not None:
+            last = (ids == tower.text_eos_id).int().argmax(dim=-1)
+        else:
+            last = ids.argmax(dim=-1)
+        return int(last.max()) + 1
 
     def encode_text(
         self,
@@ -166,7 +186,9 @@ class PromptedCLIP(nn.Module):
         """Text features ``[n, embed_dim]`` of token ids ``[n, L]``.
 
         With text prompts, positions ``1..n_ctx`` (the placeholders) are replaced by ``prompts["text"][i]``
-        at the input of layer ``i``; without, this is open_clip's ``encode_text``.
+        at the input of layer ``i``; without, this is open_clip's ``encode_text``. ``L`` may be shorter
+        than the context length (padding cut by :meth:`class_tokens`); positional embeddings and the
+        causal mask are cut to match.
         """
         tower = self.text_tower
         text_prompts = None if prompts is None else prompts.get("text")
@@ -176,8 +198,12 @@ class PromptedCLIP(nn.Module):
             x = x.to(cast_dtype)  # [n, L, width]
             if text_prompts is not None:
                 x = _replace_tokens(x, text_prompts[0], start=1)
-            x = x + tower.positional_embedding.to(cast_dtype)
-            x = _run_blocks(tower.transformer, x, tower.attn_mask, text_prompts, start=1)
+            length = x.shape[1]
+            x = x + tower.positional_embedding[:length].to(cast_dtype)
+            mask = tower.attn_mask
+            if mask is not None and length < mask.shape[0]:
+                mask = mask[:length, :length]
+            x = _run_blocks(tower.transformer, x, mask, text_prompts, start=1)
             x = tower.ln_final(x)
             x = text_global_pool(x, ids, tower.text_pool_type, eos_token_id=getattr(tower, "text_eos_id", None))
             proj = tower.text_projection

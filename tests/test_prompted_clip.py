@@ -104,10 +104,33 @@ def test_class_token_cache(tiny_backbone):
     assert model.class_tokens(CLASSES)[1] is emb  # cached, not rebuilt
     # placeholders sit right after SOS, one per context token
     x_id = tiny_backbone.tokenizer(["X"])[0, 1]
-    assert torch.all(ids[:, 1:5] == x_id) and ids.shape == (4, 32)
+    # "X X X X a big red car." is SOS + 4 + 4 + 1 + EOT = 11 tokens: the padding after it is cut
+    assert torch.all(ids[:, 1:5] == x_id) and ids.shape == (4, 11)
+    assert int(ids.argmax(-1).max()) == ids.shape[1] - 1
     model.class_tokens(["a"])
     model.class_tokens(["b"])
     assert model.class_tokens(CLASSES)[1] is not emb  # evicted (LRU of 2)
+
+
+@pytest.mark.parametrize("ptype", ["coop", "ivlp"])
+def test_cut_padding_equals_full_context(ptype):
+    """Class features from the cut token sequence equal those of the full context length (float64),
+    values and prompt gradients: the causal mask makes the positions after EOT irrelevant."""
+    bb = make_backbone("tiny-vit-s", precision="fp64", seed=5)
+    cfg = PromptConfig(type=ptype, depth_text=3, depth_vision=3)
+    model = PromptedCLIP(bb, cfg, generator=torch.Generator().manual_seed(0))
+    ids, emb = model.class_tokens(CLASSES)
+    assert ids.shape[1] < model.context_length
+    full_ids = bb.tokenizer([f"X X X X {c}." for c in CLASSES])
+    assert torch.equal(full_ids[:, : ids.shape[1]], ids) and torch.all(full_ids[:, ids.shape[1]:] == 0)
+    prompts = {k: v.detach().clone().requires_grad_(True) for k, v in model.initial_prompts().items()}
+    cut = model.encode_classes(CLASSES, prompts)
+    full = model.encode_text(full_ids, prompts, normalize=True)
+    assert (cut - full).abs().max().item() <= 1e-12
+    weights = torch.randn(cut.shape, generator=torch.Generator().manual_seed(1), dtype=cut.dtype)
+    g_cut = torch.autograd.grad((cut * weights).sum(), prompts["text"])[0]
+    g_full = torch.autograd.grad((full * weights).sum(), prompts["text"])[0]
+    assert g_cut.abs().max() > 0 and (g_cut - g_full).abs().max().item() <= 1e-12
 
 
 def test_second_order_gradient_matches_finite_differences():

@@ -45,8 +45,15 @@ def test_bad_templates(tiny_backbone):
 
 def test_frozen_text_cache(tiny_backbone):
     model = PromptedCLIP(tiny_backbone, PromptConfig(type="none"))
-    cache = FrozenTextCache(model, TEMPLATES[:2], size=1)
+    cache = FrozenTextCache(model, TEMPLATES[:2], size=len(CLASSES), sets=1)
     a = cache(CLASSES)
-    assert cache(CLASSES) is a
-    cache(["x"])
-    assert cache(CLASSES) is not a and torch.equal(cache(CLASSES), a)
+    assert cache(CLASSES) is a and cache.computed == len(CLASSES)
+    # a subset in another order (a meta step's support or query) is assembled from cached rows
+    sub = cache(CLASSES[2::-1])
+    assert cache.computed == len(CLASSES) and torch.equal(sub, a[[2, 1, 0]])
+    ref = zeroshot_weights(model, CLASSES[2::-1], TEMPLATES[:2])
+    assert torch.allclose(sub, ref, atol=1e-6)
+    cache(["x"])  # one new name: only it is encoded, and the least recently used row is evicted
+    assert cache.computed == len(CLASSES) + 1 and len(cache._rows) == len(CLASSES)
+    again = cache(CLASSES)
+    assert again is not a and torch.allclose(again, a, atol=1e-6) and cache.computed == len(CLASSES) + 2
