@@ -23,7 +23,7 @@ from pipeline.checkpoint import (
 )
 from pipeline.config import ConfigError
 from pipeline.data.episodes import Episode
-from pipeline.data.task_stream import slot_loader
+from pipeline.data.task_stream import COUNTERS, slot_loader
 from pipeline.distributed import Distributed
 from pipeline.meta.objective import Batch, Objective
 from pipeline.meta.prometar import all_finite
@@ -32,7 +32,6 @@ from pipeline.prompts import PromptedCLIP
 from pipeline.regulator import Regulator
 from pipeline.tracking import Tracker, progress
 
-COUNTERS = ("samples", "shards", "bad_shard", "bad_image", "missing_image", "missing_caption", "unassigned")
 
 
 def episode_batches(ep: Episode, device: torch.device) -> tuple[Batch, Batch]:

@@ -46,6 +46,14 @@ class ShardDataConfig:
     """Semicolon-separated file extensions tried, in order, for a sample's image."""
     text_key: str = "txt"
     """File extension holding the caption."""
+    max_image_pixels: int = 89_478_485
+    """Images whose header declares more pixels (width x height) are skipped and counted as
+    ``oversized_image`` without being decoded (a decompression bomb would otherwise take gigabytes of
+    RAM). The default is PIL's own warning threshold (about 9459 x 9459); 0 turns this limit off, which
+    leaves PIL's hard error at twice ``PIL.Image.MAX_IMAGE_PIXELS`` (also counted as oversized)."""
+    allow_empty: bool = False
+    """Single-pass mode: ``False`` raises at the end of a pass whose shards gave no usable sample at all
+    (wrong URLs, every shard missing or corrupt); ``True`` lets such a pass end empty."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +91,8 @@ def validate_shard_data(cfg: ShardDataConfig, world_size: int = 1) -> None:
         raise ConfigError(f"data.workers={cfg.workers} must be >= 0")
     if cfg.shuffle_buffer < 0 or cfg.shuffle_initial < 0:
         raise ConfigError("data.shuffle_buffer and data.shuffle_initial must be >= 0")
+    if cfg.max_image_pixels < 0:
+        raise ConfigError(f"data.max_image_pixels={cfg.max_image_pixels} must be >= 0 (0 = no limit of our own)")
     if cfg.resampled and cfg.epoch_samples < 1:
         raise ConfigError(f"data.epoch_samples={cfg.epoch_samples} must be >= 1 when data.resampled=true")
     n_sources = len(cfg.urls.split("::"))

@@ -149,9 +149,10 @@ class EpisodeSampler:
         self.buffers: dict[int, deque] = defaultdict(lambda: deque(maxlen=cfg.buffer_per_concept))
         self.unassigned = 0  # samples whose key has no (eligible) concept
         self.bad_images = 0  # buffered images that failed to decode when a task needed them
+        self._pending_cross = False  # whether the task being waited for has a cross-domain query
 
     def __call__(self, samples: Iterable[dict]) -> Iterator[Episode]:
-        pending_cross = self._draw_cross()
+        self._pending_cross = pending_cross = self._draw_cross()
         for sample in samples:
             concept = self.table.concept_of(sample["url"], sample["key"])
             if concept not in self.table.eligible:
@@ -166,7 +167,20 @@ class EpisodeSampler:
             episode = self._try_emit(pending_cross)
             if episode is not None:
                 yield episode
-                pending_cross = self._draw_cross()
+                self._pending_cross = pending_cross = self._draw_cross()
+
+    def readiness(self) -> str:
+        """What the sampler is waiting for, in words (for errors about a stream that forms no task)."""
+        cfg = self.cfg
+        need, cross = cfg.k_shot + cfg.q_query, self._pending_cross
+        full = {d: len(self._ready(d, need)) for d in sorted(self.table.by_domain)}
+        text = (f"concepts with >= k_shot + q_query = {need} buffered images per domain: {full}, a task needs "
+                f"n_way={cfg.n_way} in one domain")
+        if cross:
+            query = {d: len(self._ready(d, cfg.q_query)) for d in sorted(self.table.by_domain)}
+            text += (f"; the pending task has a cross-domain query, which needs n_way concepts with >= "
+                     f"q_query={cfg.q_query} images in another domain: {query}")
+        return text
 
     def _draw_cross(self) -> bool:
         return bool(self.rng.random() < self.cfg.p_cross_domain)

@@ -15,13 +15,32 @@ Ranks are explicit arguments (a separate module maps launcher variables to ranks
 plain ``torch.utils.data.DataLoader`` that must *not* go through ``accelerator.prepare`` (it would
 split the stream a second time).
 
-Bad data never stops the stream. A sample with an undecodable image, no image, no caption or an
-empty caption is skipped; a shard that cannot be opened or ends early (truncated) is skipped from
-that point with a warning. **Counting across worker processes**: each worker keeps its own counters
-and attaches a snapshot of them to every batch it emits, plus one final stats-only item when its
-stream ends (the loader consumes that item, it never reaches the caller). The main process keeps the
-latest snapshot per worker, so :attr:`ShardLoader.stats` is exact at the end of an epoch and at most
-one batch behind during it, with no shared memory or locks.
+Bad data never stops the stream; each skip is counted under one of :data:`SKIP_REASONS`:
+
+* ``missing_image`` / ``missing_caption``: the sample has no member with an image key / the text key;
+* ``bad_image``: the image bytes do not decode (corrupt, truncated, zero bytes, not an image). The
+  extension is not trusted: PIL detects the format from the bytes, so PNG bytes named ``.jpg`` decode;
+* ``oversized_image``: width x height above :attr:`ShardDataConfig.max_image_pixels` (or PIL's own
+  decompression-bomb limit), read from the image header, so the pixels are never decoded;
+* ``empty_caption``: the caption is empty or blank (a zero-byte ``.txt`` included);
+* ``bad_caption``: the caption is not valid UTF-8. Policy: such samples are *skipped*, not decoded
+  with replacement characters, so mojibake never reaches the tokenizer or a concept name; a UTF-8
+  byte-order mark is accepted and dropped;
+* ``bad_shard``: a shard that cannot be opened, is not a tar (a 0-byte file included) or ends early
+  (truncated) is skipped from that point with a warning; its samples completed before the break are
+  kept. A valid tar with no members is simply empty (counted in ``shards`` only).
+
+Data that can never deliver fails fast with :class:`NoUsableData` instead of streaming nothing: a
+single pass that found no usable sample in any of its shards raises at its end (unless
+:attr:`ShardDataConfig.allow_empty`), and a resampled (endless) stream raises once too many shard
+opens in a row gave nothing usable (see :class:`StreamHealth`). In single-pass mode over several
+ranks each rank checks its own shards.
+
+**Counting across worker processes**: each worker keeps its own counters and attaches a snapshot of
+them to every batch it emits, plus one final stats-only item when its stream ends (the loader consumes
+that item, it never reaches the caller). The main process keeps the latest snapshot per worker, so
+:attr:`ShardLoader.stats` is exact at the end of an epoch and at most one batch behind during it, with
+no shared memory or locks.
 """
 
 from __future__ import annotations
@@ -42,9 +61,106 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.config import ShardDataConfig, validate_shard_data
 
-SKIP_REASONS = ("bad_image", "missing_image", "missing_caption", "empty_caption", "bad_shard")
-"""Counters of skipped data; ``bad_shard`` counts shards unreadable or truncated (rest skipped)."""
+SKIP_REASONS = ("bad_image", "oversized_image", "missing_image", "missing_caption", "empty_caption",
+                "bad_caption", "bad_shard")
+"""Counters of skipped data (see the module docstring); ``bad_shard`` counts shards unreadable or
+truncated (rest skipped), the others count samples."""
 _STATS, _WORKER, _FINAL = "__stats__", "__worker__", "__final__"
+_OPEN = "__open__"  # raw-sample field: the number of the shard opening the sample came from
+
+
+class NoUsableData(RuntimeError):
+    """The shards cannot deliver a single usable sample (wrong URLs, every shard or sample bad)."""
+
+
+class OversizedImage(ValueError):
+    """An image whose header declares more pixels than allowed; raised before any pixel is decoded."""
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Open ``data`` lazily (header only) and refuse images above ``max_pixels`` (0: no own limit).
+
+    Raises :class:`OversizedImage` for too many pixels, including PIL's own decompression-bomb error
+    (above twice ``PIL.Image.MAX_IMAGE_PIXELS``); any other exception means undecodable bytes. The
+    caller decodes with ``.convert`` / ``.load`` and closes the image.
+    """
+    try:
+        pil_limit = Image.MAX_IMAGE_PIXELS
+        if max_pixels and pil_limit is not None and max_pixels <= pil_limit:
+            # every image PIL would warn about is refused below: skip its warning, the count says it all
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im = Image.open(io.BytesIO(data))
+        else:
+            im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise OversizedImage(str(e)) from None
+    width, height = im.size
+    if max_pixels and width * height > max_pixels:
+        im.close()
+        raise OversizedImage(f"{width}x{height} pixels > max_image_pixels={max_pixels}")
+    return im
+
+
+def check_sample(s: dict, image_keys: tuple[str, ...], text_key: str, stats: Counter) -> tuple[str, str] | None:
+    """``(image key, caption)`` of a raw sample, or ``None`` with the reason counted in ``stats``.
+
+    Checks everything but the image bytes. Among several image members the first non-empty one in
+    ``image_keys`` order wins, so a zero-byte ``.jpg`` next to a good ``.png`` does not lose the pair.
+    """
+    present = [k for k in image_keys if k in s]
+    if not present:
+        stats["missing_image"] += 1
+        return None
+    ext = next((k for k in present if s[k]), present[0])
+    if text_key not in s:
+        stats["missing_caption"] += 1
+        return None
+    try:
+        caption = s[text_key].decode("utf-8-sig").strip()  # -sig: drop a byte-order mark, if any
+    except UnicodeDecodeError:
+        stats["bad_caption"] += 1
+        return None
+    if not caption:
+        stats["empty_caption"] += 1
+        return None
+    return ext, caption
+
+
+class StreamHealth:
+    """Stops an endless (resampled) stream that can never deliver, instead of letting it spin forever.
+
+    Both signals count shard *openings*, so the limit scales with the data, not with sample counts:
+
+    * :meth:`check_open` (before each opening): ``limit`` openings in a row gave no raw sample at all
+      (missing, unreadable or empty shards);
+    * :meth:`sample` (where samples are checked): the samples skipped since the last usable one came
+      from more than ``limit`` different openings (every sample bad). Each raw sample carries the
+      number of its opening and the check runs *after* the shuffle buffer. Comparing with the
+      reader's own opening count instead would run a buffer's worth of shards ahead of the checks and
+      stop a healthy stream of small shards before its first sample was checked.
+    """
+
+    def __init__(self, limit: int, urls: str, stats: Counter):
+        self.limit, self.urls, self.stats = limit, urls, stats
+        self._bad_opens: set[int] = set()
+
+    def check_open(self) -> None:
+        """Raise :class:`NoUsableData` after ``limit`` openings in a row without a raw sample."""
+        dry = self.stats["shards"] - self.stats["_last_raw_open"]
+        if dry >= self.limit:
+            raise NoUsableData(f"no usable samples in the last {dry} shards opened: none could be read or "
+                               f"held a sample; check data.urls={self.urls!r} (counts: {_public(self.stats)})")
+
+    def sample(self, s: dict, usable: bool) -> None:
+        """Record one checked sample; raise once the skipped ones span more than ``limit`` openings."""
+        if usable:
+            self._bad_opens.clear()
+            return
+        self._bad_opens.add(s.get(_OPEN, 0))
+        if len(self._bad_opens) > self.limit:
+            raise NoUsableData(f"no usable samples in the last {len(self._bad_opens)} shards opened: every "
+                               f"sample was skipped; check data.urls={self.urls!r} (counts: {_public(self.stats)})")
 
 
 def expand_sources(urls: str) -> list[list[str]]:
@@ -112,7 +228,8 @@ def iter_tar_samples(urls: Iterator[str], stats: Counter) -> Iterator[dict]:
                         yield current  # all members of the previous key have been read in full
                         current = None
                     if current is None:
-                        current = {"__key__": key, "__url__": url}
+                        current = {"__key__": key, "__url__": url, _OPEN: stats["shards"]}
+                        stats["_last_raw_open"] = stats["shards"]
                     current[ext] = tar.extractfile(info).read()
                     end_of_last = info.offset_data + info.size
                 compressed = getattr(tar.fileobj, "comptype", "tar") != "tar"
@@ -132,34 +249,43 @@ def iter_tar_samples(urls: Iterator[str], stats: Counter) -> Iterator[dict]:
 
 
 def decode_samples(samples: Iterator[dict], stats: Counter, image_keys: tuple[str, ...], text_key: str,
-                   preprocess: Callable | None) -> Iterator[dict]:
-    """Raw samples -> ``{"image", "caption", "key", "url", "meta"}``; bad ones skipped and counted."""
+                   preprocess: Callable | None, max_pixels: int = 0,
+                   health: StreamHealth | None = None) -> Iterator[dict]:
+    """Raw samples -> ``{"image", "caption", "key", "url", "meta"}``; bad ones skipped and counted.
+
+    ``max_pixels`` is :attr:`ShardDataConfig.max_image_pixels`; ``health`` (resampled mode) sees
+    every checked sample and stops a stream in which nothing is usable.
+    """
     for s in samples:
-        ext = next((k for k in image_keys if k in s), None)
-        if ext is None:
-            stats["missing_image"] += 1
-            continue
-        if text_key not in s:
-            stats["missing_caption"] += 1
-            continue
-        caption = s[text_key].decode("utf-8", errors="replace").strip()
-        if not caption:
-            stats["empty_caption"] += 1
-            continue
-        try:
-            with Image.open(io.BytesIO(s[ext])) as im:
-                image = im.convert("RGB")  # forces a full decode, so corrupt data fails here
-        except Exception:  # PIL raises many types for corrupt data
-            stats["bad_image"] += 1
-            continue
-        try:
-            meta = json.loads(s["json"]) if "json" in s else {}
-        except ValueError:
-            meta = {}  # metadata is optional; a broken json must not cost the pair
-        stats["samples"] += 1
-        stats["_shards_at_last_good"] = stats["shards"]
-        yield {"image": preprocess(image) if preprocess is not None else image, "caption": caption,
-               "key": s["__key__"], "url": s["__url__"], "meta": meta}
+        out = _decode_one(s, stats, image_keys, text_key, max_pixels)
+        if health is not None:
+            health.sample(s, out is not None)
+        if out is not None:
+            out["image"] = preprocess(out["image"]) if preprocess is not None else out["image"]
+            yield out
+
+
+def _decode_one(s: dict, stats: Counter, image_keys: tuple[str, ...], text_key: str,
+                max_pixels: int) -> dict | None:
+    checked = check_sample(s, image_keys, text_key, stats)
+    if checked is None:
+        return None
+    ext, caption = checked
+    try:
+        with open_image(s[ext], max_pixels) as im:
+            image = im.convert("RGB")  # forces a full decode, so corrupt data fails here
+    except OversizedImage:
+        stats["oversized_image"] += 1
+        return None
+    except Exception:  # PIL raises many types for corrupt data
+        stats["bad_image"] += 1
+        return None
+    try:
+        meta = json.loads(s["json"]) if "json" in s else {}
+    except ValueError:  # UnicodeDecodeError included
+        meta = {}  # metadata is optional; a broken json must not cost the pair
+    stats["samples"] += 1
+    return {"image": image, "caption": caption, "key": s["__key__"], "url": s["__url__"], "meta": meta}
 
 
 def _collate(samples: list[dict], tokenizer: Callable | None) -> dict:
@@ -190,17 +316,14 @@ class ShardStream(IterableDataset):
         # str seeds hash deterministically, so every process derives the same stream for the same ids
         return random.Random(f"{what}-{self.cfg.seed}-{self.epoch}-{self.rank}-{worker}")
 
-    def _shard_urls(self, worker: int, n_workers: int, stats: Counter) -> Iterator[str]:
-        if not self.cfg.resampled:
+    def _shard_urls(self, worker: int, n_workers: int, health: StreamHealth | None) -> Iterator[str]:
+        if health is None:
             flat = [u for src in self.sources for u in src]
             yield from flat[self.rank::self.world_size][worker::n_workers]
             return
-        rng, n_total = self._rng(worker, "shards"), sum(len(s) for s in self.sources)
-        limit = max(20, 3 * n_total)
+        rng = self._rng(worker, "shards")
         while True:
-            if stats["shards"] - stats["_shards_at_last_good"] > limit:
-                raise RuntimeError(f"{limit} shards in a row gave no usable sample; check data.urls="
-                                   f"{self.cfg.urls!r} (skip counts: {_public(stats)})")
+            health.check_open()
             src = rng.choices(self.sources, weights=self.weights, k=1)[0]
             yield rng.choice(src)
 
@@ -228,18 +351,30 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         stats: Counter = Counter()  # fresh per pass: this process's share of the counts
-        stages = [lambda: self._shard_urls(worker, n_workers, stats),
+        # a single pass ends by itself (ShardLoader checks it delivered something); an endless one needs a guard
+        health = StreamHealth(health_limit(self.sources), self.cfg.urls, stats) if self.cfg.resampled else None
+        stages = [lambda: self._shard_urls(worker, n_workers, health),
                   lambda src: iter_tar_samples(src, stats)]
         if self.cfg.shuffle_buffer > 0:
             stages.append(wds.shuffle(self.cfg.shuffle_buffer, self.cfg.shuffle_initial,
                                       rng=self._rng(worker, "samples")))
         keys = tuple(k.strip().lower() for k in self.cfg.image_keys.split(";") if k.strip())
-        stages.append(lambda src: decode_samples(src, stats, keys, self.cfg.text_key, self.preprocess))
+        stages.append(lambda src: decode_samples(src, stats, keys, self.cfg.text_key, self.preprocess,
+                                                 self.cfg.max_image_pixels, health))
         pipeline = wds.DataPipeline(*stages)
         for batch in self._batches(iter(pipeline), self._n_batches(worker, n_workers)):
             batch[_STATS], batch[_WORKER] = dict(stats), worker
             yield batch
         yield {_STATS: dict(stats), _WORKER: worker, _FINAL: True}
+
+
+def health_limit(sources: list[list[str]]) -> int:
+    """Shard openings in a row without a usable sample after which a resampled stream gives up.
+
+    Three times the number of shards (at least 20): a stream with any usable shard meets one long
+    before that, while a hopeless one fails after a fraction of a second of opening bad shards.
+    """
+    return max(20, 3 * sum(len(s) for s in sources))
 
 
 def _public(stats: dict) -> dict[str, int]:
@@ -286,8 +421,9 @@ class ShardLoader:
 
     @property
     def skip_counts(self) -> dict[str, int]:
-        """Only the skip counters (for logging), keyed by :data:`SKIP_REASONS`."""
-        return {k: v for k, v in self.stats.items() if k in SKIP_REASONS}
+        """The skip counters that are non-zero (for logging), keyed by :data:`SKIP_REASONS`;
+        :attr:`stats` has every counter, zeros included."""
+        return {k: v for k, v in self.stats.items() if k in SKIP_REASONS and v}
 
     def __iter__(self) -> Iterator[dict]:
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.cfg.workers,
@@ -298,10 +434,22 @@ class ShardLoader:
                 self._current[item.pop(_WORKER)] = _public(item.pop(_STATS))
                 if not item.pop(_FINAL, False):
                     yield item
+            if not self.cfg.resampled and not self.cfg.allow_empty:
+                self._check_not_empty()
         finally:
             for snap in self._current.values():
                 self._finished.update(snap)
             self._current = {}
+
+    def _check_not_empty(self) -> None:
+        """After a complete single pass: raise when its shards gave not one usable sample."""
+        done: Counter = Counter()
+        for snap in self._current.values():
+            done.update(snap)
+        if done["shards"] and not done["samples"]:
+            counts = {k: done[k] for k in SKIP_REASONS if done[k]}
+            raise NoUsableData(f"no usable samples in {done['shards']} shards (skipped: {counts}); check "
+                               f"data.urls={self.cfg.urls!r} (data.allow_empty=true lets a pass end empty)")
 
 
 def build_shard_loader(cfg: ShardDataConfig, rank: int = 0, world_size: int = 1,

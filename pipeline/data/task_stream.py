@@ -8,11 +8,19 @@ ranks with 2 each compute (a tested property), and a resumed run rebuilds the sa
 
 A data epoch is a fixed number of outer steps; streams are rebuilt (reseeded) at each epoch, so resuming
 replays at most one epoch's worth of tasks to reach the saved position.
+
+Bad data is skipped and counted with the reader's counters (:data:`COUNTERS`, same meaning as in
+:mod:`pipeline.data.shards`): a sample is checked when it is read (image and caption present, caption
+valid UTF-8 and not blank, image header readable and within ``max_image_pixels``) and its pixels are
+decoded only when a task uses it; an image that fails then is dropped from its buffer and counted as
+``bad_image`` too. A stream that can never form a task raises :class:`~pipeline.data.shards.NoUsableData`
+instead of waiting forever: when too many shard openings in a row give no usable sample, and when
+:func:`task_watchdog` openings pass without a task (e.g. every image undecodable, clusters from other
+shards, or the only domain able to give cross-domain queries is unreadable).
 """
 
 from __future__ import annotations
 
-import io
 import random
 import warnings
 from collections import Counter
@@ -21,12 +29,25 @@ from dataclasses import dataclass
 
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import ConfigError
 from pipeline.data.episodes import ConceptTable, Episode, EpisodeConfig, EpisodeSampler
-from pipeline.data.shards import expand_sources, iter_tar_samples, source_weights
+from pipeline.data.shards import (
+    NoUsableData,
+    OversizedImage,
+    StreamHealth,
+    check_sample,
+    expand_sources,
+    health_limit,
+    iter_tar_samples,
+    open_image,
+    source_weights,
+)
+
+COUNTERS = ("samples", "shards", "bad_shard", "bad_image", "oversized_image", "missing_image", "missing_caption",
+            "empty_caption", "bad_caption", "unassigned")
+"""Every counter a slot stream reports with its episodes (running totals of the emitting worker)."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +70,9 @@ class TaskDataConfig:
     """File extensions tried, in order, for a sample's image."""
     text_key: str = "txt"
     """File extension of the caption (samples without a caption are skipped and counted)."""
+    max_image_pixels: int = 89_478_485
+    """Images whose header declares more pixels are skipped (``oversized_image``) without being decoded;
+    0 = no own limit (PIL's decompression-bomb error still applies). See ``ShardDataConfig``."""
     epoch_steps: int = 100
     """Outer steps per data epoch (streams are reseeded at each epoch; resume replays < one epoch)."""
 
@@ -59,6 +83,8 @@ class TaskDataConfig:
             raise ConfigError("data.workers, data.shuffle_buffer and data.shuffle_initial must be >= 0")
         if self.epoch_steps < 1:
             raise ConfigError(f"data.epoch_steps={self.epoch_steps} must be >= 1")
+        if self.max_image_pixels < 0:
+            raise ConfigError(f"data.max_image_pixels={self.max_image_pixels} must be >= 0")
         expand_sources(self.urls)
         source_weights(self.weights, len(self.urls.split("::")))
 
@@ -78,52 +104,94 @@ class SlotStream(IterableDataset):
     def _rng(self, worker: int, what: str) -> random.Random:
         return random.Random(f"{what}-{self.seed}-{self.epoch}-{self.slot}-{worker}")
 
-    def _urls(self, worker: int, stats: Counter) -> Iterator[str]:
+    def _urls(self, worker: int, stats: Counter, health: StreamHealth, sampler: EpisodeSampler) -> Iterator[str]:
         rng = self._rng(worker, "shards")
-        limit = max(20, 3 * sum(len(s) for s in self.sources))
+        watchdog = task_watchdog(self.sources, self.data.shuffle_buffer)
         while True:
-            if stats["shards"] - stats["_shards_at_last_good"] > limit:
-                raise RuntimeError(f"{limit} shards in a row gave no usable sample; check data.urls={self.data.urls!r}")
+            health.check_open()
+            idle = stats["shards"] - stats["_open_at_task"]
+            if idle >= watchdog:
+                raise NoUsableData(self._no_task_message(idle, stats, sampler))
             yield rng.choice(rng.choices(self.sources, weights=self.weights, k=1)[0])
 
-    def _raw(self, samples: Iterator[dict], stats: Counter) -> Iterator[dict]:
-        """Raw samples with an image and a non-empty caption (bytes kept; decoded only when used)."""
-        keys = [k.strip().lower() for k in self.data.image_keys.split(";") if k.strip()]
+    def _no_task_message(self, idle: int, stats: Counter, sampler: EpisodeSampler) -> str:
+        counts = {k: v for k, v in self._counts(stats, sampler).items() if v}
+        hint = ""
+        if stats["samples"] and sampler.unassigned == stats["samples"]:
+            hint = (f"; no sample read has a concept in {self.data.clusters_dir}/assign: were the clusters made "
+                    "from these shards?")
+        return (f"no task could be formed in the last {idle} shards opened (counts: {counts}); "
+                f"{sampler.readiness()}{hint}; check data.urls={self.data.urls!r}, data.clusters_dir and episodes.*")
+
+    def _raw(self, samples: Iterator[dict], stats: Counter, health: StreamHealth) -> Iterator[dict]:
+        """Checked raw samples (bytes kept; pixels decoded only when a task uses them)."""
+        keys = tuple(k.strip().lower() for k in self.data.image_keys.split(";") if k.strip())
         for s in samples:
-            ext = next((k for k in keys if k in s), None)
-            caption = s.get(self.data.text_key, b"").decode("utf-8", errors="replace").strip()
-            if ext is None or not caption:
-                stats["missing_image" if ext is None else "missing_caption"] += 1
+            checked = check_sample(s, keys, self.data.text_key, stats)
+            if checked is not None and not self._header_ok(s[checked[0]], stats):
+                checked = None
+            health.sample(s, checked is not None)
+            if checked is None:
                 continue
             stats["samples"] += 1
-            stats["_shards_at_last_good"] = stats["shards"]
-            yield {"key": s["__key__"], "url": s["__url__"], "image": s[ext]}
+            yield {"key": s["__key__"], "url": s["__url__"], "image": s[checked[0]]}
+
+    def _header_ok(self, data: bytes, stats: Counter) -> bool:
+        # reading the header costs microseconds and keeps bytes that are no image (or a bomb) out of the
+        # buffers; truncated pixel data still shows only when the image is decoded for a task
+        try:
+            open_image(data, self.data.max_image_pixels).close()
+        except OversizedImage:
+            stats["oversized_image"] += 1
+            return False
+        except Exception:  # PIL raises many types for data that is no image
+            stats["bad_image"] += 1
+            return False
+        return True
 
     def _decode(self, raw: bytes, rng: random.Random):
         # torchvision's random crops draw from the global torch RNG, whose state depends on what else the
         # process did; a per-stream seed per image keeps the views identical for any rank layout
-        with Image.open(io.BytesIO(raw)) as im, torch.random.fork_rng(devices=[]):
+        with open_image(raw, self.data.max_image_pixels) as im, torch.random.fork_rng(devices=[]):
             torch.manual_seed(rng.getrandbits(63))
             return self.preprocess(im.convert("RGB"))
+
+    @staticmethod
+    def _counts(stats: Counter, sampler: EpisodeSampler) -> dict[str, int]:
+        counts = {k: stats.get(k, 0) for k in COUNTERS}
+        counts["unassigned"] = sampler.unassigned
+        counts["bad_image"] += sampler.bad_images  # read-time (header) + use-time (pixels) failures
+        return counts
 
     def __iter__(self) -> Iterator[tuple[Episode, dict]]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
         stats: Counter = Counter()
-        stages = [lambda: self._urls(worker, stats), lambda src: iter_tar_samples(src, stats)]
-        if self.data.shuffle_buffer > 0:
-            stages.append(wds.shuffle(self.data.shuffle_buffer, self.data.shuffle_initial,
-                                      rng=self._rng(worker, "samples")))
-        stages.append(lambda src: self._raw(src, stats))
+        health = StreamHealth(health_limit(self.sources), self.data.urls, stats)
         seed = int(self._rng(worker, "episodes").getrandbits(63))
         views = self._rng(worker, "views")
         sampler = EpisodeSampler(self.table, self.episodes, seed, decode=lambda raw: self._decode(raw, views))
+        stages = [lambda: self._urls(worker, stats, health, sampler), lambda src: iter_tar_samples(src, stats)]
+        if self.data.shuffle_buffer > 0:
+            stages.append(wds.shuffle(self.data.shuffle_buffer, self.data.shuffle_initial,
+                                      rng=self._rng(worker, "samples")))
+        stages.append(lambda src: self._raw(src, stats, health))
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             for episode in sampler(iter(wds.DataPipeline(*stages))):
-                counts = {k: v for k, v in stats.items() if not k.startswith("_")}
-                counts.update(unassigned=sampler.unassigned, bad_image=sampler.bad_images, worker=worker)
-                yield episode, counts
+                stats["_open_at_task"] = stats["shards"]
+                yield episode, {**self._counts(stats, sampler), "worker": worker}
+
+
+def task_watchdog(sources: list[list[str]], shuffle_buffer: int = 0) -> int:
+    """Shard openings without a new task after which a slot stream gives up.
+
+    Ten times the shards (at least 100) is far more than any reachable task needs: ten draws per shard
+    leave a given shard unread with probability e^-10. ``shuffle_buffer`` is added because the buffer
+    fills before the sampler sees a sample, which takes up to one opening per buffered sample with tiny
+    shards. An impossible stream still fails within seconds on small data.
+    """
+    return max(100, 10 * sum(len(s) for s in sources)) + shuffle_buffer
 
 
 def slot_loader(data: TaskDataConfig, episodes: EpisodeConfig, preprocess: Callable, seed: int, epoch: int,
