@@ -65,6 +65,25 @@ def first_host(nodelist: str) -> str:
     return out.stdout.split()[0]
 
 
+class CollectiveError(RuntimeError):
+    """A collective failed or timed out: a peer rank died, hung or lost its connection."""
+
+
+@contextlib.contextmanager
+def _collective(name: str, rank: int, world_size: int, timeout_s: float):
+    """Turn the backends' errors (gloo/NCCL timeouts, closed connections) into one clear message."""
+    try:
+        yield
+    except (RuntimeError, dist.DistError) as err:
+        if isinstance(err, CollectiveError):
+            raise
+        raise CollectiveError(
+            f"rank {rank}/{world_size}: collective {name} failed: a peer rank died, hung or lost its connection "
+            f"(collective_timeout_s={timeout_s:g}); the job stops here rather than hang. The newest complete "
+            f"checkpoint is intact: rerun the same command to resume. Backend error: {str(err).splitlines()[0]}"
+        ) from err
+
+
 class Distributed:
     """Process group, device and precision for one run, plus the explicit collectives we need.
 
@@ -83,6 +102,10 @@ class Distributed:
         handler = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=timeout_s))
         self.accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu, kwargs_handlers=[handler])
         self.mixed_precision = mixed_precision
+        self.timeout_s = timeout_s
+
+    def _guard(self, name: str):
+        return _collective(name, self.rank, self.world_size, self.timeout_s)
 
     @property
     def rank(self) -> int:
@@ -144,7 +167,8 @@ class Distributed:
         if not self.active or not tensors:
             return
         flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
-        dist.broadcast(flat, src=src)
+        with self._guard("broadcast"):
+            dist.broadcast(flat, src=src)
         _unflatten_into(flat, tensors)
 
     @torch.no_grad()
@@ -159,7 +183,8 @@ class Distributed:
         dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
         flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])  # [sum of numels]
         if self.active:
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            with self._guard("all_reduce"):
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
             flat /= self.world_size
             _unflatten_into(flat, tensors)
         return flat.numel() * flat.element_size()
@@ -169,7 +194,8 @@ class Distributed:
         if not self.active:
             return flag
         t = torch.tensor([1.0 if flag else 0.0], device=self._collective_device())
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        with self._guard("any"):
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
     def gather_objects(self, obj) -> list:
@@ -177,7 +203,8 @@ class Distributed:
         if not self.active:
             return [obj]
         out: list = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        with self._guard("all_gather_object"):
+            dist.all_gather_object(out, obj)
         return out
 
     def verify_identical(self, tensors: Iterable[Tensor]) -> str:
@@ -190,7 +217,8 @@ class Distributed:
 
     def barrier(self) -> None:
         if self.active:
-            dist.barrier()
+            with self._guard("barrier"):
+                dist.barrier()
 
     def shutdown(self) -> None:
         """Tear down the process group (idempotent)."""
