@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # build matching its own CUDA; these two releases install from the local wheel cache on our machines.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-all demo demo-pretrain lint clean
+.PHONY: install test test-all demo demo-pretrain bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ demo: $(STAMP)
 # Stage 1 of the demo alone, through accelerate.
 demo-pretrain: $(STAMP)
 	$(VENV)/bin/accelerate launch --config_file launch/accelerate/cpu_1proc.yaml pipeline/pretrain.py
+
+# Every benchmark; writes its figures into docs/BENCHMARKS.md (~25 min on 2 cores; BENCH_ARGS=--quick).
+bench: $(STAMP)
+	$(PY) bench/run_all.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipeline tests bench

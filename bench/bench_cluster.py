@@ -10,14 +10,18 @@ is exact nearest-centroid search over every point, batched.
 from __future__ import annotations
 
 import argparse
-import platform
+import json
 import resource
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.clustering import KMeansConfig, fit_hierarchy
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.data.clustering import KMeansConfig, fit_hierarchy  # noqa: E402
 
 
 def synthetic(n: int, d: int, domains: int, concepts: int, seed: int = 0):
@@ -31,14 +35,15 @@ def synthetic(n: int, d: int, domains: int, concepts: int, seed: int = 0):
     return image, text
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
+def run(argv: list[str]) -> dict:
+    """Run the benchmark; returns a JSON-able dict (see :func:`markdown`)."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--domains", type=int, default=16)
     p.add_argument("--concepts", type=int, default=32, help="concepts per domain")
     p.add_argument("--reps", type=int, default=3)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     image, text = synthetic(args.n, args.dim, args.domains, args.concepts)
     captions = [""] * args.n  # names are not timed here; the fit picks medoid captions by index
     fits, assigns = [], []
@@ -50,13 +55,39 @@ def main() -> None:
         t2 = time.perf_counter()
         fits.append(t1 - t0)
         assigns.append(t2 - t1)
-    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    fmt = lambda xs: f"{min(xs):.1f} / {statistics.median(xs):.1f} / {max(xs):.1f} s"  # noqa: E731
-    print(f"machine: {platform.processor() or platform.machine()}, n={args.n}, dim={args.dim}, "
-          f"{args.domains} domains x {args.concepts} concepts, reps={args.reps}")
-    print(f"fit    (min/median/max): {fmt(fits)}")
-    print(f"assign (min/median/max): {fmt(assigns)}  -> {args.n / statistics.median(assigns):,.0f} points/s")
-    print(f"peak RSS: {peak_gib:.2f} GiB (process, including the {image.nbytes * 2 / 2**30:.2f} GiB input)")
+    spread = lambda xs: {"min": min(xs), "median": statistics.median(xs), "max": max(xs)}  # noqa: E731
+    return {"args": vars(args), "fit_s": spread(fits), "assign_s": spread(assigns),
+            "assign_points_per_s": args.n / statistics.median(assigns),
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "input_gib": image.nbytes * 2 / 2**30}
+
+
+def markdown(result: dict) -> str:
+    a, f, s = result["args"], result["fit_s"], result["assign_s"]
+    return "\n".join([
+        f"{a['n']:,} synthetic {a['dim']}-d pairs, {a['domains']} domains x {a['concepts']} concepts, "
+        f"{a['reps']} repetitions.", "",
+        "| N | fit min / median / max | assign min / median / max | assign throughput | peak RSS |",
+        "|---|---|---|---|---|",
+        f"| {a['n']:,} | {f['min']:.1f} / **{f['median']:.1f}** / {f['max']:.1f} s | {s['min']:.1f} / "
+        f"**{s['median']:.1f}** / {s['max']:.1f} s | {result['assign_points_per_s']:,.0f} points/s | "
+        f"{result['peak_rss_gib']:.2f} GiB (incl. the {result['input_gib']:.2f} GiB input) |",
+    ])
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--json-out", default="")
+    p.add_argument("--markdown-out", default="")
+    known, rest = p.parse_known_args(argv)
+    result = run(rest)
+    if known.json_out:
+        Path(known.json_out).write_text(json.dumps(result, indent=1))
+    text = markdown(result)
+    if known.markdown_out:
+        Path(known.markdown_out).write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":

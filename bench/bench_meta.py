@@ -1,19 +1,23 @@
 """Meta overhead: one ProMetaR iteration vs one plain IVLP prompt-tuning iteration (DESIGN section 8).
 
-Both run side by side in one process on the same batch and backbone (the in-repo ``tiny-vit`` by
-default: 12 layers per tower, IVLP 4+4 tokens at depth 9), interleaved so machine load affects both
-alike; the reported time is the median over iterations. Peak memory is measured per variant in a fresh
-subprocess: on CUDA ``torch.cuda.max_memory_allocated`` during the iterations, on CPU the increase of
-the resident set size, polled while three iterations run, over its value just before them (glibc's
+All variants run side by side in one process on the same batch and backbone (the in-repo ``tiny-vit``
+by default: 12 layers per tower, IVLP 4+4 tokens at depth 9), interleaved so machine load affects them
+alike. Reported per variant: min / median / max wall time over iterations, and the ratio to the plain
+iteration of the same round (min / median / max over rounds). Peak memory is measured per variant in a
+fresh subprocess: on CUDA ``torch.cuda.max_memory_allocated`` during the iterations, on CPU the increase
+of the resident set size, polled while three iterations run, over its value just before them (glibc's
 mmap threshold is lowered in that subprocess so freed tensors are returned and RSS tracks live memory).
+``--flops`` also counts the floating-point operations of one iteration of each variant
+(``torch.utils.flop_counter``): the ratio a compute-bound device would see, independent of load.
 
     python bench/bench_meta.py                      # CPU, tiny-vit, markdown table on stdout
-    python bench/bench_meta.py --device cuda --arch ViT-B-16 --batch 4 --classes 50
+    python bench/bench_meta.py --device cuda --arch ViT-B-16 --autocast bf16 --batch 4 --classes 50
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -47,6 +51,8 @@ VARIANTS = {
 
 def build(args):
     torch.manual_seed(0)
+    if str(args.device).startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True  # what a user's GPU run would use
     backbone = load_backbone(BackboneConfig(arch=args.arch, pretrained="", precision=args.precision), device=args.device)
     model = PromptedCLIP(backbone, PromptConfig(type="ivlp", depth_text=9, depth_vision=9), generator=torch.Generator().manual_seed(0))
     size = backbone.model.visual.image_size
@@ -83,27 +89,57 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_all(args):
+def autocast(args):
+    """bf16 autocast on CUDA as the pipeline runs it (``mixed_precision=bf16``); nothing otherwise."""
+    if args.autocast == "no":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16)
+
+
+def time_all(args) -> dict[str, list[float]]:
     model, batch = build(args)
     iterations = {name: make_iteration(name, model, batch, args) for name in VARIANTS}
-    for _ in range(args.warmup):
-        for fn in iterations.values():
+    with autocast(args):
+        for _ in range(args.warmup):
+            for fn in iterations.values():
+                fn()
+        times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+        for _ in range(args.iters):
+            for name, fn in iterations.items():  # interleaved: the same load for every variant
+                sync(args.device)
+                t = time.perf_counter()
+                fn()
+                sync(args.device)
+                times[name].append(time.perf_counter() - t)
+    return times
+
+
+def count_flops(args) -> dict[str, float]:
+    """Floating-point operations of one iteration of each variant (after a warm-up iteration, so the
+    frozen-feature caches are filled as in a running loop)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, batch = build(args)
+    out = {}
+    with autocast(args):
+        for name in VARIANTS:
+            fn = make_iteration(name, model, batch, args)
             fn()
-    times = {name: [] for name in VARIANTS}
-    for _ in range(args.iters):
-        for name, fn in iterations.items():  # interleaved: the same load for every variant
-            sync(args.device)
-            t = time.perf_counter()
-            fn()
-            sync(args.device)
-            times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+            with FlopCounterMode(display=False) as counter:
+                fn()
+            out[name] = float(counter.get_total_flops())
+    return out
 
 
 def memory_one(args, name):
     model, batch = build(args)
     fn = make_iteration(name, model, batch, args)
     cuda = str(args.device).startswith("cuda")
+    with autocast(args):
+        return _memory(fn, cuda)
+
+
+def _memory(fn, cuda: bool) -> float:
     if cuda:
         fn()
         torch.cuda.synchronize()
@@ -141,39 +177,98 @@ def memory_one(args, name):
     return (peak[0] - base) / 2**20
 
 
-def main(argv=None):
+def spread(xs: list[float]) -> dict[str, float]:
+    return {"min": min(xs), "median": statistics.median(xs), "max": max(xs)}
+
+
+def run(argv: list[str]) -> dict:
+    """Run the benchmark; returns a JSON-able dict (see :func:`markdown`)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="tiny-vit")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", default="fp32")
+    p.add_argument("--precision", default="fp32", help="backbone weights dtype")
+    p.add_argument("--autocast", default="no", choices=("no", "bf16"), help="bf16 autocast (GPU runs)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
+    p.add_argument("--flops", action="store_true", help="also count FLOPs per variant")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses")
     p.add_argument("--memory-of", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.memory_of:
-        print(json.dumps({"peak_mib": memory_one(args, args.memory_of)}))
-        return
+        return {"peak_mib": memory_one(args, args.memory_of)}
     times = time_all(args)
-    memory = {}
+    result: dict = {"args": vars(args), "torch": torch.__version__, "variants": {}}
+    device_name = torch.cuda.get_device_name() if str(args.device).startswith("cuda") else "cpu"
+    result["device_name"] = device_name
+    flops = count_flops(args) if args.flops else {}
     for name in VARIANTS:
-        cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--memory-of", name]
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout.strip().splitlines()[-1]
-        memory[name] = json.loads(out)["peak_mib"]
-    what = "CUDA peak allocated" if str(args.device).startswith("cuda") else "peak RSS over idle"
-    print(f"arch={args.arch} device={args.device} precision={args.precision} batch={args.batch} "
-          f"classes={args.classes} iters={args.iters} threads={args.threads} torch={torch.__version__}")
-    print(f"\n| iteration | median time (ms) | x plain | {what} (MiB) | x plain |")
-    print("|---|---:|---:|---:|---:|")
-    for name in VARIANTS:
-        print(
-            f"| {name} | {1000 * times[name]:.1f} | {times[name] / times['plain']:.2f} | "
-            f"{memory[name]:.1f} | {memory[name] / max(memory['plain'], 1e-9):.2f} |"
-        )
+        ratios = [t / p0 for t, p0 in zip(times[name], times["plain"])]  # per interleaved round
+        entry = {"time_s": spread(times[name]), "ratio": spread(ratios),
+                 "samples_per_s": args.batch / statistics.median(times[name])}
+        if flops:
+            entry["gflop"] = flops[name] / 1e9
+            entry["flop_ratio"] = flops[name] / flops["plain"]
+        if not args.no_memory:
+            cmd = [sys.executable, __file__, *argv, "--memory-of", name]
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+            entry["peak_mib"] = json.loads(out.strip().splitlines()[-1])["peak_mib"]
+        result["variants"][name] = entry
+    if not args.no_memory:
+        base = max(result["variants"]["plain"]["peak_mib"], 1e-9)
+        for entry in result["variants"].values():
+            entry["memory_ratio"] = entry["peak_mib"] / base
+    return result
+
+
+def markdown(result: dict) -> str:
+    """The result as a markdown table (one row per variant)."""
+    a = result["args"]
+    cuda = str(a["device"]).startswith("cuda")
+    what = "CUDA peak allocated" if cuda else "peak RSS over idle"
+    lines = [f"arch={a['arch']} device={a['device']} ({result['device_name']}) precision={a['precision']} "
+             f"autocast={a['autocast']} batch={a['batch']} classes={a['classes']} iters={a['iters']} "
+             f"threads={a['threads']} torch={result['torch']}", ""]
+    head = "| iteration | time min / median / max (ms) | x plain min / median / max | samples/s |"
+    rule = "|---|---:|---:|---:|"
+    some = next(iter(result["variants"].values()))
+    if "gflop" in some:
+        head, rule = head + " GFLOP | FLOP x plain |", rule + "---:|---:|"
+    if "peak_mib" in some:
+        head, rule = head + f" {what} (MiB) | x plain |", rule + "---:|---:|"
+    lines += [head, rule]
+    for name, e in result["variants"].items():
+        t, r = e["time_s"], e["ratio"]
+        row = (f"| {name} | {1000 * t['min']:.1f} / {1000 * t['median']:.1f} / {1000 * t['max']:.1f} | "
+               f"{r['min']:.2f} / **{r['median']:.2f}** / {r['max']:.2f} | {e['samples_per_s']:.1f} |")
+        if "gflop" in e:
+            row += f" {e['gflop']:.2f} | {e['flop_ratio']:.2f} |"
+        if "peak_mib" in e:
+            row += f" {e['peak_mib']:.1f} | {e['memory_ratio']:.2f} |"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--json-out", default="")
+    p.add_argument("--markdown-out", default="")
+    known, rest = p.parse_known_args(argv)
+    result = run(rest)
+    if "peak_mib" in result and len(result) == 1:  # memory subprocess
+        print(json.dumps(result))
+        return
+    if known.json_out:
+        Path(known.json_out).write_text(json.dumps(result, indent=1))
+    text = markdown(result)
+    if known.markdown_out:
+        Path(known.markdown_out).write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import argparse
 import io
 import json
 import statistics
+import sys
 import tempfile
 import time
 from argparse import Namespace
@@ -80,7 +81,8 @@ def summary(xs: list[float]) -> dict:
     return {"min": round(min(xs), 1), "median": round(statistics.median(xs), 1), "max": round(max(xs), 1)}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def run(argv: list[str]) -> dict:
+    """Run the benchmark; returns a JSON-able dict (see :func:`markdown`)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
@@ -107,8 +109,37 @@ def main(argv: list[str] | None = None) -> dict:
             ratio = statistics.median(rates["ours"]) / statistics.median(rates["open_clip"])
             result[setting] = {"samples": counts, **{k: summary(v) for k, v in rates.items()},
                                "ratio_ours_over_open_clip": round(ratio, 3)}
-    print(json.dumps(result, indent=1))
     return result
+
+
+def markdown(result: dict) -> str:
+    a = result["args"]
+    lines = [f"{a['shards']} shards x {a['samples_per_shard']} samples ({a['image_size']} px JPEG), batches of "
+             f"{a['batch_size']}, {a['workers']} workers, {a['reps']} repetitions alternating the readers.", "",
+             "| setting | reader | samples/s min | median | max | ratio of medians (ours / open_clip) |",
+             "|---|---|---:|---:|---:|---:|"]
+    for setting in ("single_pass", "train"):
+        r = result[setting]
+        for i, name in enumerate(("ours", "open_clip")):
+            ratio = f"**{r['ratio_ours_over_open_clip']:.2f}**" if i == 0 else ""
+            x = r[name]
+            lines.append(f"| {setting} | {name} | {x['min']:.0f} | {x['median']:.0f} | {x['max']:.0f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(add_help=False)
+    ap.add_argument("--json-out", default="")
+    ap.add_argument("--markdown-out", default="")
+    known, rest = ap.parse_known_args(argv)
+    result = run(rest)
+    if known.json_out:
+        Path(known.json_out).write_text(json.dumps(result, indent=1))
+    text = markdown(result)
+    if known.markdown_out:
+        Path(known.markdown_out).write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":

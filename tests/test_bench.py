@@ -1,0 +1,80 @@
+"""The benchmark machinery: every variant measured, FLOP ordering, document blocks replaced in place."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import bench_meta  # noqa: E402
+import run_all  # noqa: E402
+
+
+def test_replace_section_only_touches_its_block():
+    doc = "# B\n\nprose a\n\n<!-- bench:x -->\nold x\n<!-- /bench:x -->\n\nprose b\n<!-- bench:y -->\nold y\n<!-- /bench:y -->\n"
+    out = run_all.replace_section(doc, "x", "new x\n| t |", "X")
+    assert "old x" not in out and "new x\n| t |" in out and "old y" in out
+    assert out.startswith("# B\n\nprose a\n\n<!-- bench:x -->") and "prose b" in out
+    assert run_all.replace_section(out, "x", "new x\n| t |", "X") == out  # idempotent
+    added = run_all.replace_section(doc, "z", "zz", "Zed")
+    assert added.startswith(doc.rstrip("\n")) and added.endswith("## Zed\n\n<!-- bench:z -->\nzz\n<!-- /bench:z -->\n")
+    # a body with regex replacement syntax is inserted literally
+    assert r"\1 \g<0>" in run_all.replace_section(doc, "y", r"\1 \g<0>", "Y")
+
+
+def test_every_benchmark_is_declared_with_an_existing_script():
+    for name, bench in run_all.BENCHES.items():
+        assert (ROOT / "bench" / bench.script).exists(), name
+        assert bench.gpu == name.startswith("gpu-")
+
+
+def test_benchmarks_doc_has_a_block_for_every_benchmark():
+    doc = (ROOT / "docs" / "BENCHMARKS.md").read_text()
+    blocks = re.findall(r"<!-- bench:(\S+) -->", doc)
+    assert sorted(blocks) == sorted(run_all.BENCHES)
+    assert all(f"<!-- /bench:{name} -->" in doc for name in blocks)
+
+
+def _check_meta(result: dict) -> None:
+    v = result["variants"]
+    assert list(v) == ["plain", "prometar", "prometar_first_order", "regularized_only"]
+    # work, not time, is deterministic: each variant does strictly more than the one below it
+    assert v["prometar"]["gflop"] > v["prometar_first_order"]["gflop"] > v["regularized_only"]["gflop"]
+    assert v["regularized_only"]["gflop"] > v["plain"]["gflop"] > 0 and v["plain"]["flop_ratio"] == 1.0
+    assert v["prometar"]["time_s"]["median"] > v["plain"]["time_s"]["median"]
+    table = bench_meta.markdown(result)
+    assert sum(line.startswith(f"| {n} |") for n in v for line in table.splitlines()) == 4
+
+
+def test_meta_bench_measures_every_variant():
+    result = bench_meta.run(["--iters", "2", "--warmup", "1", "--batch", "4", "--classes", "6", "--flops", "--no-memory"])
+    _check_meta(result)
+
+
+@pytest.mark.slow
+def test_run_all_quick_writes_blocks(tmp_path):
+    doc = tmp_path / "B.md"
+    doc.write_text("# Benchmarks\n\nhand-written\n\n<!-- bench:cluster -->\nold\n<!-- /bench:cluster -->\n")
+    cmd = [sys.executable, "bench/run_all.py", "--quick", "--only", "cluster,meta-10", "--doc", str(doc)]
+    subprocess.run(cmd, cwd=ROOT, check=True, timeout=900)
+    text = doc.read_text()
+    assert "hand-written" in text and "old" not in text
+    assert "`python bench/bench_cluster.py --n 50000 --reps 1` (quick)" in text
+    assert "## Meta overhead, tiny-vit, 10-class label space" in text and "| prometar |" in text
+
+
+@pytest.mark.gpu
+def test_meta_bench_on_gpu_in_bf16():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    result = bench_meta.run(["--device", "cuda", "--autocast", "bf16", "--iters", "3", "--batch", "4", "--classes", "6",
+                             "--flops"])
+    _check_meta(result)
+    assert all(e["peak_mib"] > 0 for e in result["variants"].values())
