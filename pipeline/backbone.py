@@ -8,6 +8,7 @@ the demo never download anything.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ import open_clip
 import torch
 from torch import nn
 
-from pipeline.config import BackboneConfig
+from pipeline.config import BackboneConfig, ConfigError, PromptConfig
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 TINY_ARCHS = tuple(sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json")))
@@ -94,6 +95,49 @@ def load_backbone(cfg: BackboneConfig, device: str | torch.device = "cpu", seed:
         name=cfg.arch,
         pretrained=cfg.pretrained,
     )
+
+
+def check_backbone(cfg: BackboneConfig, prompts: PromptConfig | None = None, key: str = "backbone",
+                   prompts_key: str = "prompts") -> None:
+    """Config-level checks of a backbone, without building it or downloading anything (stage preflights).
+
+    The architecture must be known to open_clip, ``pretrained`` an existing checkpoint file or a tag of
+    that architecture, and the prompt depths must fit the towers read from the architecture's config.
+    Raises :class:`ConfigError` naming the key (``key`` / ``prompts_key`` are the dotted prefixes).
+    """
+    register_tiny_archs()
+    arch, pretrained = cfg.arch, cfg.pretrained
+    remote = arch.startswith(("hf-hub:", "local-dir:"))  # configs that live elsewhere: not checked here
+    if not remote and arch not in open_clip.list_models():
+        close = difflib.get_close_matches(arch, open_clip.list_models(), n=3)
+        raise ConfigError(f"{key}.arch={arch!r} is not an open_clip architecture"
+                          + (f" (close: {', '.join(close)})" if close else ""))
+    if pretrained and not Path(pretrained).is_file():
+        if Path(pretrained).is_dir():
+            raise ConfigError(f"{key}.pretrained={pretrained!r} is a directory, not a checkpoint file")
+        if _looks_like_path(pretrained):
+            raise ConfigError(f"{key}.pretrained={pretrained!r}: no such checkpoint file")
+        tags = [] if remote else open_clip.list_pretrained_tags_by_model(arch)
+        if not remote and pretrained not in tags:
+            known = f"its tags: {', '.join(tags)}" if tags else "it has no pretrained tags"
+            raise ConfigError(f"{key}.pretrained={pretrained!r} is neither a checkpoint file nor a tag of {arch} "
+                              f"({known}; '' = random weights)")
+    if prompts is None or remote:
+        return
+    towers = open_clip.get_model_config(arch) or {}
+    text_layers = towers.get("text_cfg", {}).get("layers")
+    vision = towers.get("vision_cfg", {})
+    if prompts.type in ("coop", "ivlp") and isinstance(text_layers, int):
+        depth = 1 if prompts.type == "coop" else prompts.depth_text
+        if depth > text_layers:
+            raise ConfigError(f"{prompts_key}.depth_text={depth} exceeds the {text_layers} text layers of {arch}")
+    if prompts.type in ("vpt", "ivlp"):
+        layers = vision.get("layers")
+        if vision.get("timm_model_name") or isinstance(layers, list | tuple):
+            raise ConfigError(f"{prompts_key}.type={prompts.type} needs a ViT image tower; {arch} has none")
+        if isinstance(layers, int) and prompts.depth_vision > layers:
+            raise ConfigError(f"{prompts_key}.depth_vision={prompts.depth_vision} exceeds the {layers} vision "
+                              f"layers of {arch}")
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import ConfigError, load_config, parse_config_args
+from pipeline.config import ConfigError, load_config, parse_config_args, require_dir, require_file
 from pipeline.data.clustering import Hierarchy, KMeansConfig, clean_caption, fit_hierarchy
 from pipeline.data.features import finished_stems, read_features
 
@@ -67,9 +67,13 @@ def validate_cluster(cfg: ClusterConfig) -> None:
     """Value checks beyond types (called by ``load_config`` through ``ClusterConfig.validate``)."""
     if cfg.mode not in MODES:
         raise ConfigError(f"mode={cfg.mode!r}: expected one of {MODES}")
-    for key in ("n_domains", "concepts_per_domain", "min_points_per_concept", "fit_sample"):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"{key}={getattr(cfg, key)} must be >= 1")
+    for key in ("n_domains", "concepts_per_domain", "min_points_per_concept", "fit_sample", "name_max_words",
+                "kmeans.niter", "kmeans.nredo", "kmeans.max_points_per_centroid"):
+        value = getattr(cfg.kmeans, key[len("kmeans."):]) if key.startswith("kmeans.") else getattr(cfg, key)
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be >= 1")
+    if cfg.examples_per_concept < 0:
+        raise ConfigError(f"examples_per_concept={cfg.examples_per_concept} must be >= 0")
 
 
 def sample_features(features_dir: str, stems: list[str], n: int, seed: int):
@@ -177,10 +181,16 @@ def _write_summary(out: Path, concepts: list[dict], hierarchy: Hierarchy, n_shar
 def main(argv: list[str] | None = None) -> int:
     path, overrides = parse_config_args(argv, "pipeline cluster", __doc__.splitlines()[0], "ClusterConfig")
     cfg = load_config(ClusterConfig, path, overrides)
+    require_dir(cfg.features_dir, "features_dir", "it is the out_dir of `pipeline extract`")
     stems = finished_stems(cfg.features_dir)
     if not stems:
         raise SystemExit(f"pipeline cluster: no finished feature files in {cfg.features_dir}")
     out = Path(cfg.out_dir)
+    if cfg.mode in ("assign", "summarize"):  # they continue a fit: check its outputs before any work
+        require_file(out / "hierarchy.npz", "out_dir", f"mode={cfg.mode} needs the hierarchy of mode=fit (or all) "
+                     "in the same out_dir; run that first")
+    if cfg.mode == "summarize" and not any((out / "assign").glob("*.npz")):
+        raise ConfigError(f"out_dir: no assignment files in {out / 'assign'}; run mode=assign first")
     if cfg.mode in ("all", "fit"):
         hierarchy = fit(cfg, stems)
         print(f"fitted {hierarchy.n_domains} domains, {hierarchy.n_concepts} concepts -> {out / 'hierarchy.npz'}")

@@ -10,13 +10,27 @@ OmegaConf's structured configs do the merging, so an unknown key, a wrong type o
 value fails *before* anything runs, with the offending key in the message. The result is converted
 back into the frozen dataclasses, so code downstream gets plain typed Python objects, and
 :func:`to_dict` turns it into a JSON/YAML-safe dict for checkpoints and trackers.
+
+Configs are plain data, never code: YAML is read with ``yaml.safe_load`` (``!!python/...`` tags are
+refused, nothing is constructed), and OmegaConf interpolations and resolvers (``${oc.env:HOME}``,
+``${any_registered_resolver:...}``) are refused before OmegaConf sees them, so a config can neither
+run a registered function nor copy an environment variable (a token) into checkpoints and W&B.
+
+Files a config names (checkpoints, shards, clusters, datasets) are checked by each stage's
+``preflight`` before anything starts, with :func:`require_file` / :func:`require_dir` /
+:func:`check_shard_urls`, so a typo costs seconds, not a queued job.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import functools
 import importlib
+import os
+import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -144,27 +158,35 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
 
     Raises :class:`ConfigError` naming the key for unknown keys, wrong types and invalid values.
     """
-    base = OmegaConf.structured(schema)
+    return _resolve(schema, user_layers(schema, path, overrides))
+
+
+def user_layers(schema: type, path: str | Path | None = None,
+                overrides: list[str] | tuple[str, ...] = ()) -> list[tuple[str, dict[str, Any]]]:
+    """The YAML file and each override as ``(origin, nested plain dict)``, checked against ``schema``.
+
+    Checks everything that can be said without merging: the YAML is safe and a mapping, every key
+    exists in ``schema`` (with a did-you-mean), sections get mappings, values are plain data without
+    interpolations. Types of scalar values are left to OmegaConf's merge in :func:`load_config`.
+    """
     layers = []
     if path is not None:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
-        layers.append((str(path), OmegaConf.create(data)))
+        layers.append((str(path), read_yaml(path)))
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        key, value = item.split("=", 1)
-        # `key=` means the empty string (from_dotlist would read it as null)
-        layers.append((f"override {item!r}", OmegaConf.from_dotlist([item if value else f"{key}=''"])))
-    merged = base
-    for origin, layer in layers:
+        layers.append((f"override {item!r}", parse_override(item)))
+    for origin, data in layers:
+        check_layer(schema, data, origin)
+    return layers
+
+
+def _resolve(schema: type[T], layers: list[tuple[str, dict[str, Any]]]) -> T:
+    merged = OmegaConf.structured(schema)
+    for origin, data in layers:
         try:
-            merged = OmegaConf.merge(merged, layer)
+            merged = OmegaConf.merge(merged, OmegaConf.create(data))
         except OmegaConfBaseException as e:
             key = getattr(e, "full_key", None) or ""
-            raise ConfigError(f"{origin}: invalid key {key!r}: {_first_line(e)}") from None
+            raise ConfigError(f"{origin}: invalid value for {key!r}: {_first_line(e)}") from None
     try:
         obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
@@ -172,6 +194,187 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
         raise ConfigError(f"missing or invalid value for {key!r}: {_first_line(e)}") from None
     _validate(obj)
     return obj
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file as a plain dict: ``yaml.safe_load`` (Python tags are refused, never executed)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path}: " + ("not a file" if p.exists() else "no such file"))
+    try:
+        with open(p, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        # a ConstructorError here is a `!!python/...` (or other unknown) tag: refused, nothing was built
+        raise ConfigError(f"{path}: not a plain-data YAML config (only safe YAML is read; python tags are "
+                          f"refused and nothing was executed): {' '.join(str(e).split())}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason})") from None
+    if data is None:  # an empty file is an empty delta
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def parse_override(item: str) -> dict[str, Any]:
+    """One dotted ``key=value`` override as a nested plain dict (the value is parsed as YAML, safely)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    key, value = item.split("=", 1)
+    if not key or not all(part.strip() for part in key.split(".")):
+        raise ConfigError(f"override {item!r}: {key!r} is not a dotted key such as optim.lr")
+    try:
+        # `key=` means the empty string (from_dotlist would read it as null); OmegaConf parses the value
+        # with its SafeLoader subclass, so `!!python/...` tags raise instead of constructing anything
+        layer = OmegaConf.from_dotlist([item if value else f"{key}=''"])
+        return OmegaConf.to_container(layer, resolve=False)  # interpolations stay text; checked next
+    except (OmegaConfBaseException, yaml.YAMLError) as e:
+        raise ConfigError(f"override {item!r}: {' '.join(str(e).split())}") from None
+
+
+MAX_CONFIG_VALUES = 100_000
+"""A config with more values than this is refused (YAML aliases can expand a small file enormously)."""
+_PLAIN = (str, bool, int, float, type(None))
+
+
+def check_layer(schema: type, data: dict[str, Any], origin: str) -> None:
+    """Check one user layer against ``schema``; raises :class:`ConfigError` naming the key.
+
+    Unknown keys (with a did-you-mean or the valid keys), a scalar where a section is expected, values
+    YAML read as something other than plain data (dates, binary, sets), OmegaConf interpolations and
+    resolvers (``${...}``), OmegaConf's missing marker ``???`` (a merge would silently skip it) and
+    alias bombs.
+    """
+    if _expanded_size(data, {}) > MAX_CONFIG_VALUES:
+        raise ConfigError(f"{origin}: expands to more than {MAX_CONFIG_VALUES} values (YAML aliases?); refused")
+    _check_section(schema, data, origin, "")
+
+
+def _check_section(schema: type, data: dict, origin: str, prefix: str) -> None:
+    hints = _field_types(schema)
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if not isinstance(key, str):
+            raise ConfigError(f"{origin}: key {dotted!r} is of type {type(key).__name__}, not a name (quote it in YAML)")
+        if key not in hints:
+            raise ConfigError(f"{origin}: unknown key {dotted!r}{_suggest(key, list(hints), prefix)}")
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{origin}: {dotted!r} is a section ({kind.__name__}) and needs a mapping of "
+                                  f"its keys, got {type(value).__name__} {value!r}")
+            _check_section(kind, value, origin, f"{dotted}.")
+        else:
+            _check_value(value, origin, dotted)
+
+
+def _check_value(value: Any, origin: str, key: str) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_value(v, origin, f"{key}.{k}")
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            _check_value(v, origin, f"{key}[{i}]")
+    elif not isinstance(value, _PLAIN):
+        raise ConfigError(f"{origin}: {key}: YAML read {value!r} as {type(value).__name__}, which is not a config "
+                          "value (quote it if it is text)")
+    elif isinstance(value, str) and "${" in value:
+        raise ConfigError(f"{origin}: {key}={value!r}: interpolations and resolvers (${{...}}) are not allowed; "
+                          "configs are plain data (write the value itself)")
+    elif isinstance(value, str) and value == "???":
+        raise ConfigError(f"{origin}: {key}='???': give a value (OmegaConf's missing marker is not one)")
+
+
+def _expanded_size(value: Any, memo: dict[int, int]) -> int:
+    """Number of values once YAML aliases are expanded; linear in the distinct nodes (memo by id).
+
+    A container that contains itself (``a: &a [*a]``) expands without end: it counts as too many.
+    """
+    if not isinstance(value, dict | list):
+        return 1
+    if id(value) not in memo:
+        memo[id(value)] = MAX_CONFIG_VALUES + 1  # seen again while still being counted: a cycle
+        items = value.values() if isinstance(value, dict) else value
+        memo[id(value)] = 1 + sum(_expanded_size(v, memo) for v in items)
+    return memo[id(value)]
+
+
+@functools.cache
+def _field_types(schema: type) -> dict[str, Any]:
+    """Field name -> resolved type of a config dataclass (the annotations are strings under PEP 563)."""
+    hints = typing.get_type_hints(schema)
+    return {f.name: hints[f.name] for f in dataclasses.fields(schema)}
+
+
+def _suggest(key: str, valid: list[str], prefix: str) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {prefix + close[0]!r}?)"
+    where = f"under {prefix[:-1]!r}" if prefix else "at the top level"
+    return f" (valid keys {where}: {', '.join(valid)})"
+
+
+def require_file(path: str | Path, key: str, hint: str = "") -> Path:
+    """``path`` as a :class:`Path` when it is an existing file; else :class:`ConfigError` naming ``key``."""
+    p = Path(path)
+    if not p.is_file():
+        what = "is a directory, not a file" if p.is_dir() else "does not exist"
+        raise ConfigError(f"{key}: {p} {what}" + (f"; {hint}" if hint else ""))
+    return p
+
+
+def require_dir(path: str | Path, key: str, hint: str = "") -> Path:
+    """``path`` as a :class:`Path` when it is an existing folder; else :class:`ConfigError` naming ``key``."""
+    p = Path(path)
+    if not p.is_dir():
+        what = "is a file, not a folder" if p.exists() else "does not exist"
+        raise ConfigError(f"{key}: {p} {what}" + (f"; {hint}" if hint else ""))
+    return p
+
+
+def is_local(url: str) -> bool:
+    """True for a plain file path (``pipe:``, ``http://``, ``s3://``... are opened by webdataset)."""
+    return not url.startswith("pipe:") and "://" not in url
+
+
+def check_shard_urls(urls: str, key: str) -> list[str]:
+    """Expand ``urls`` (brace ranges, ``::`` sources) and check local shards exist; returns every URL.
+
+    A source whose local shards all are missing is an error naming it (a typo in a path or a range
+    would otherwise make a resampling reader wait forever or write empty outputs); some missing
+    shards only warn, because readers skip unreadable shards by design. Remote URLs are not probed.
+    Existence is read from one listing per folder, not one ``stat`` per shard, so every rank of a large
+    job can afford it on a parallel file system.
+    """
+    from pipeline.data.shards import expand_sources  # lazy: pipeline.data imports this module
+
+    try:
+        sources = expand_sources(urls)
+    except ValueError as e:
+        raise ConfigError(f"{key}={urls!r}: {e}") from None
+    listings: dict[str, set[str]] = {}
+    out = []
+    for source in sources:
+        local = [u for u in source if is_local(u)]
+        missing = [u for u in local if Path(u).name not in _listing(str(Path(u).parent), listings)]
+        if local and len(missing) == len(local):
+            raise ConfigError(f"{key}={urls!r}: none of the {len(local)} shard files exists (first: {local[0]}); "
+                              "check the folder and the {first..last} range")
+        if missing:
+            warnings.warn(f"{key}: {len(missing)} of {len(local)} shard files do not exist (first: {missing[0]}); "
+                          "they will be skipped", stacklevel=2)
+        out.extend(source)
+    return out
+
+
+def _listing(folder: str, cache: dict[str, set[str]]) -> set[str]:
+    if folder not in cache:
+        try:
+            cache[folder] = {e.name for e in os.scandir(folder) if e.is_file()}
+        except OSError:  # missing or unreadable folder: nothing in it can be read either
+            cache[folder] = set()
+    return cache[folder]
 
 
 def parse_config_args(argv: list[str] | None, prog: str, description: str, schema_name: str) -> tuple[str | None, list[str]]:
@@ -190,13 +393,10 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def from_dict(schema: type[T], data: dict[str, Any]) -> T:
     """Rebuild a config from :func:`to_dict` output (e.g. read back from a checkpoint), with checks."""
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(data))
-        obj = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"invalid key {getattr(e, 'full_key', '')!r}: {_first_line(e)}") from None
-    _validate(obj)
-    return obj
+    if not isinstance(data, dict):
+        raise ConfigError(f"stored config must be a mapping, got {type(data).__name__}")
+    check_layer(schema, data, "stored config")
+    return _resolve(schema, [("stored config", data)])
 
 
 def dump_yaml(cfg: Any) -> str:

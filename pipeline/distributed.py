@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
+import json
 import logging
 import os
 import subprocess
@@ -23,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, require_file
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,49 @@ def first_host(nodelist: str) -> str:
         return nodelist
     out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
     return out.stdout.split()[0]
+
+
+def launcher_world_size(environ: Mapping[str, str]) -> int | None:
+    """How many ranks the launcher starts, from ``WORLD_SIZE`` (accelerate, torchrun) or the SLURM
+    variables; ``None`` when nothing says (a plain ``python`` run)."""
+    world = environ.get("WORLD_SIZE") or slurm_to_torch_env(environ).get("WORLD_SIZE")
+    if world and world.strip().isdigit() and int(world) > 0:
+        return int(world)
+    return None
+
+
+def check_launcher(tasks_per_step: int, second_order: bool, environ: Mapping[str, str]) -> None:
+    """The launcher's settings, read from the variables accelerate / torchrun / SLURM export, against
+    stage 1's config, before a process group starts: ``tasks_per_step`` must split evenly over the ranks, and
+    DeepSpeed ZeRO-3 is refused (accelerate would otherwise fail on an unrelated import, or, with
+    ``cpu=true``, silently drop DeepSpeed). ``Distributed.check_backend`` repeats the ZeRO check once
+    the plugin exists, for launchers that export nothing."""
+    world = launcher_world_size(environ)
+    if world and tasks_per_step % world:
+        raise ConfigError(f"tasks_per_step={tasks_per_step} is not divisible by the {world} ranks the "
+                          f"launcher starts (WORLD_SIZE={world}); use a multiple of {world}")
+    if environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return
+    stage = environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")  # accelerate's default
+    source = f"ACCELERATE_DEEPSPEED_ZERO_STAGE={stage}"
+    ds_file = environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if ds_file and ds_file != "none":  # a DeepSpeed JSON config file wins over the accelerate fields
+        path = require_file(ds_file, "ACCELERATE_DEEPSPEED_CONFIG_FILE (deepspeed_config_file of the launcher "
+                            "config)")
+        try:
+            zero = json.loads(path.read_text()).get("zero_optimization", {})
+        except (ValueError, AttributeError) as e:
+            raise ConfigError(f"deepspeed_config_file {path}: not a DeepSpeed JSON config ({e})") from None
+        if isinstance(zero, dict) and str(zero.get("stage", "auto")) != "auto":
+            stage = zero["stage"]
+            source = f"zero_optimization.stage={stage} in {path}"
+    if str(stage).strip() == "3":
+        raise ConfigError(
+            f"DeepSpeed ZeRO-3 ({source}) partitions parameters across ranks and cannot be combined with the "
+            "meta-learner's functional inner loop" + (" (second-order meta-gradients: meta.first_order=false)"
+                                                      if second_order else "")
+            + "; use a ZeRO stage 0-2 launcher config (launch/accelerate/deepspeed_zero2.yaml)")
+
 
 
 class CollectiveError(RuntimeError):

@@ -23,7 +23,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.checkpoint import atomic_write, git_revision, load_artifact
-from pipeline.data.fewshot import ImageListDataset, build_fewshot
+from pipeline.config import ConfigError, require_dir, require_file
+from pipeline.data.config import FewShotConfig
+from pipeline.data.fewshot import ImageListDataset, Splits, build_fewshot, load_splits
 from pipeline.prompts import PromptedCLIP, Prompts
 from pipeline.zeroshot import zeroshot_weights
 
@@ -87,6 +89,33 @@ def evaluate(cfg, model: PromptedCLIP, prompts: Prompts | None, transform) -> di
     return out
 
 
+def check_dataset(data: FewShotConfig, what: str = "data", need: Sequence[str] = ("test",)) -> Splits:
+    """The split lists of ``data`` (file lists only, no image is decoded), or :class:`ConfigError` naming
+    the missing file or folder; ``what`` says which setting asked for the dataset. Every split in
+    ``need`` must be non-empty and its first image must exist (a wrong ``data.root`` or image folder
+    would otherwise fail at the first batch, or only at evaluation after training)."""
+    if data.split_file:
+        require_file(data.split_file, "data.split_file")
+    require_dir(data.root, "data.root", f"{what}: dataset {data.dataset} is read from there")
+    try:
+        splits, image_root = load_splits(data.dataset, data.root, data.split_file)
+    except FileNotFoundError as e:
+        missing = e.filename or str(e)
+        raise ConfigError(f"{what}: dataset {data.dataset} under data.root={data.root}: {missing} does not exist "
+                          "(expected the CoOp layout, see pipeline.data.datasets_meta)") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{what}: dataset {data.dataset} under data.root={data.root} is malformed: "
+                          f"{type(e).__name__}: {e}") from None
+    for split in need:
+        if not splits[split]:
+            raise ConfigError(f"{what}: dataset {data.dataset} under data.root={data.root} has no {split} images")
+        first = splits[split][0].path
+        if not Path(first).is_file():
+            raise ConfigError(f"{what}: dataset {data.dataset}: its {split} split lists {first}, which does not "
+                              f"exist (images are expected under {image_root})")
+    return splits
+
+
 def write_results(run_dir: str | Path, cfg, cfg_dict: dict, results: dict, extra: dict | None = None) -> Path:
     """``<run_dir>/results.json`` (atomic): accuracies, counts, identity of the run, config, git revision."""
     payload = {"dataset": cfg.data.dataset, "method": cfg.method, "name": cfg.label, "seed": cfg.seed,
@@ -97,15 +126,30 @@ def write_results(run_dir: str | Path, cfg, cfg_dict: dict, results: dict, extra
     return path
 
 
-def load_run(run_dir: str | Path):
-    """The config, model, prompts (``None`` for zero-shot) and eval transform of a saved run."""
-    from pipeline.backbone import load_backbone
+def read_run(run_dir: str | Path):
+    """The config (typed and as a dict) of a run folder written by :mod:`pipeline.finetune`."""
     from pipeline.config import from_dict
     from pipeline.finetune import FinetuneConfig
 
+    run_dir = require_dir(run_dir, "run_dir", "give a run folder written by pipeline.finetune")
+    info_file = require_file(run_dir / "run_info.json", "run_dir",
+                             "not a run folder of pipeline.finetune, or its training never started")
+    try:
+        stored = json.loads(info_file.read_text())["config"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"run_dir: {info_file} holds no readable run config ({type(e).__name__}: {e})") from None
+    return from_dict(FinetuneConfig, stored), stored  # checked like a user config: plain data, known keys
+
+
+def load_run(run_dir: str | Path, cfg=None):
+    """The config, model, prompts (``None`` for zero-shot) and eval transform of a saved run."""
+    from pipeline.backbone import load_backbone
+
     run_dir = Path(run_dir)
-    info = json.loads((run_dir / "run_info.json").read_text())
-    cfg = from_dict(FinetuneConfig, info["config"])
+    stored, cfg_dict = read_run(run_dir)
+    cfg = cfg or stored
+    if cfg.method != "zeroshot":
+        require_file(run_dir / PROMPTS_FILE, "run_dir", "the run has not finished training; rerun pipeline.finetune")
     backbone = load_backbone(cfg.model.backbone, device="cpu" if cfg.cpu or not torch.cuda.is_available()
                              else "cuda", seed=cfg.model.seed)
     model = PromptedCLIP(backbone, cfg.model.prompts)
@@ -114,7 +158,27 @@ def load_run(run_dir: str | Path):
         art = load_artifact(run_dir / PROMPTS_FILE)
         device = backbone.device
         prompts = {k: v.to(device) for k, v in art.prompts.items()}
-    return cfg, info["config"], model, prompts, backbone.preprocess_val
+    return cfg, cfg_dict, model, prompts, backbone.preprocess_val
+
+
+def preflight(cfg, run_dir: str | Path) -> None:
+    """Before the backbone is built: the run's prompts, the backbone's files and every dataset to read."""
+    from pipeline.backbone import check_backbone
+    from pipeline.data.datasets_meta import DATASETS
+
+    if cfg.method != "zeroshot":
+        require_file(Path(run_dir) / PROMPTS_FILE, "run_dir", "the run has not finished training; rerun pipeline.finetune")
+    check_backbone(cfg.model.backbone, cfg.model.prompts, key="model.backbone", prompts_key="model.prompts")
+    for s in cfg.eval.subsets:
+        if s not in ("all", "base", "new"):
+            raise ConfigError(f"--subsets: {s!r} is not one of all/base/new")
+    if cfg.eval.subsets:
+        check_dataset(cfg.data, "data", need=("test",))
+    for name in cfg.eval.targets:
+        if name not in DATASETS:
+            raise ConfigError(f"--targets: {name!r} is not a dataset; expected some of {sorted(DATASETS)}")
+        check_dataset(replace(cfg.data, dataset=name, subsample="all", k_shot=0, split_file=""),
+                      f"targets ({name})", need=("test",))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,13 +189,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--targets", nargs="*", default=None, help="other datasets (domain / cross-dataset)")
     ap.add_argument("--root", default=None, help="data root (default: the run's data.root)")
     args = ap.parse_args(argv)
-    cfg, cfg_dict, model, prompts, transform = load_run(args.run_dir)
+    cfg, cfg_dict = read_run(args.run_dir)
     ev = cfg.eval
     if args.subsets is not None:
         ev = replace(ev, subsets=tuple(args.subsets))
     if args.targets is not None:
         ev = replace(ev, targets=tuple(args.targets))
     cfg = replace(cfg, eval=ev, data=replace(cfg.data, root=args.root) if args.root else cfg.data)
+    preflight(cfg, args.run_dir)
+    cfg, cfg_dict, model, prompts, transform = load_run(args.run_dir, cfg)
     results = evaluate(cfg, model, prompts, transform)
     old = Path(args.run_dir) / RESULTS_FILE
     extra = {}

@@ -15,14 +15,22 @@ L2-normalised and stored in fp16 with the sample keys and captions.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline.backbone import load_backbone
-from pipeline.config import BackboneConfig, ConfigError, load_config, parse_config_args
+from pipeline.backbone import check_backbone, load_backbone
+from pipeline.config import (
+    BackboneConfig,
+    ConfigError,
+    check_shard_urls,
+    is_local,
+    load_config,
+    parse_config_args,
+)
 from pipeline.data.config import ShardDataConfig
 from pipeline.data.features import ShardFeatures, is_done, shard_stem, write_features
 from pipeline.data.shards import build_shard_loader, expand_sources
@@ -77,8 +85,9 @@ def select_shards(cfg: ExtractConfig, rank: int, world_size: int) -> list[str]:
 @torch.no_grad()
 def embed_shard(url: str, model, preprocess, tokenizer, cfg: ExtractConfig, device) -> tuple[ShardFeatures, dict]:
     """Embed every readable sample of one shard; returns the features and the reader's counters."""
+    # allow_empty: an empty shard is a finished (empty) result; an unreadable one is told apart by run()
     data = ShardDataConfig(urls=url, resampled=False, batch_size=cfg.batch_size, workers=min(cfg.workers, 1),
-                           shuffle_buffer=0)
+                           shuffle_buffer=0, allow_empty=True)
     loader = build_shard_loader(data, preprocess=preprocess, tokenizer=tokenizer)
     keys, captions, images, texts = [], [], [], []
     for batch in loader:
@@ -108,7 +117,13 @@ def run(cfg: ExtractConfig, rank: int = 0, world_size: int = 1, device: str | to
     """
     shards = select_shards(cfg, rank, world_size)
     todo = [u for u in shards if not is_done(cfg.out_dir, shard_stem(u))]
-    report = {"shards": len(shards), "already_done": len(shards) - len(todo), "extracted": 0, "samples": 0}
+    # a missing shard would read as zero samples and be marked done for good: refuse before any work
+    missing = [u for u in todo if is_local(u) and not Path(u).is_file()]
+    if missing:
+        raise ConfigError(f"urls: {len(missing)} of the {len(todo)} shards to embed do not exist (first: "
+                          f"{missing[0]}); fix urls or its {{first..last}} range")
+    report = {"shards": len(shards), "already_done": len(shards) - len(todo), "extracted": 0, "samples": 0,
+              "failed": 0}
     if not todo:
         return report
     backbone = load_backbone(cfg.backbone, device=device, seed=0)
@@ -119,6 +134,11 @@ def run(cfg: ExtractConfig, rank: int = 0, world_size: int = 1, device: str | to
             stale.unlink(missing_ok=True)
         t0 = time.perf_counter()
         feats, stats = embed_shard(url, backbone.model, backbone.preprocess_val, backbone.tokenizer, cfg, device)
+        if len(feats) == 0 and stats.get("bad_shard"):  # unreadable (e.g. a failed download): retry on a rerun
+            warnings.warn(f"{url}: unreadable, no features written and no done marker (a rerun retries it)",
+                          stacklevel=2)
+            report["failed"] += 1
+            continue
         write_features(out, stem, feats, meta={**stats, "seconds": round(time.perf_counter() - t0, 3)})
         report["extracted"] += 1
         report["samples"] += len(feats)
@@ -131,13 +151,20 @@ def run(cfg: ExtractConfig, rank: int = 0, world_size: int = 1, device: str | to
 def main(argv: list[str] | None = None) -> int:
     path, overrides = parse_config_args(argv, "pipeline extract", __doc__.splitlines()[0], "ExtractConfig")
     cfg = load_config(ExtractConfig, path, overrides)
+    preflight(cfg)
     dist = Distributed(cpu=cfg.cpu)  # launcher variables -> rank, world size, device
     try:
         report = run(cfg, dist.rank, dist.world_size, dist.device)
     finally:
         dist.shutdown()
     print(f"extract [rank {dist.rank}/{dist.world_size}]: {report}")
-    return 0
+    return 1 if report["failed"] else 0
+
+
+def preflight(cfg: ExtractConfig) -> None:
+    """Before a process group or a backbone: the architecture and checkpoint exist, ``urls`` names shards."""
+    check_backbone(cfg.backbone, key="backbone")
+    check_shard_urls(cfg.urls, "urls")
 
 
 if __name__ == "__main__":

@@ -15,20 +15,30 @@ of those fields explicitly to another value is an error naming both, never silen
 
 from __future__ import annotations
 
+import os
 import sys
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 if __package__ in (None, ""):  # `python pipeline/finetune.py` runs this file as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import ConfigError, ModelConfig, load_config, parse_config_args, to_dict
-from pipeline.data.config import FewShotConfig
+from pipeline.config import (
+    ConfigError,
+    ModelConfig,
+    load_config,
+    parse_config_args,
+    require_file,
+    to_dict,
+    user_layers,
+)
+from pipeline.data.config import SUBSAMPLES, FewShotConfig
 from pipeline.meta.config import LossConfig, MetaConfig, RegulatorConfig, validate_meta_learning
 from pipeline.tracking import TrackingConfig
 
@@ -143,6 +153,10 @@ class FinetuneConfig:
     threads: int = 0
     """CPU intra-op threads (``torch.set_num_threads``); 0 = torch's default. Tiny models run faster
     with 1 on a small, shared CPU."""
+    allow_fewer_shots: bool = False
+    """Train classes with fewer than ``data.k_shot`` training images on all of them (CoOp's behaviour,
+    one warning per class). False: such a run is refused before it starts, naming the class, so a
+    "16-shot" result never silently comes from fewer shots."""
 
     def validate(self) -> None:
         validate_meta_learning(self.regulator, self.loss, self.meta)
@@ -177,6 +191,18 @@ class FinetuneConfig:
                 raise ConfigError(f"eval.subsets: {s!r} is not one of all/base/new")
         if self.mixed_precision not in ("no", "bf16"):
             raise ConfigError(f"mixed_precision={self.mixed_precision!r}: expected 'no' or 'bf16'")
+        from pipeline.data.datasets_meta import DATASETS
+
+        if self.data.dataset != "folder" and self.data.dataset not in DATASETS:
+            raise ConfigError(f"data.dataset={self.data.dataset!r}: expected 'folder' or one of {sorted(DATASETS)}")
+        if self.data.subsample not in SUBSAMPLES:
+            raise ConfigError(f"data.subsample={self.data.subsample!r}: expected one of {SUBSAMPLES}")
+        for name in self.eval.targets:  # checked now, not after hours of training
+            if name not in DATASETS:
+                raise ConfigError(f"eval.targets: {name!r} is not a dataset; expected some of {sorted(DATASETS)}")
+        for t in self.frozen_templates:
+            if "{}" not in t:
+                raise ConfigError(f"frozen_templates: {t!r} has no {{}} for the class name")
 
     @property
     def label(self) -> str:
@@ -216,17 +242,13 @@ def load_finetune_config(path: str | Path | None = None, overrides: list[str] | 
 
     A preset field set explicitly (YAML or override) to another value raises :class:`ConfigError`.
     """
-    raw = {}
-    if path is not None:
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
-    pairs = [o.split("=", 1) for o in overrides if "=" in o]
-    explicit = {**_flatten(raw), **dict(pairs)}
+    # safe YAML, known keys, plain values (no interpolation can run while presets are looked up below)
+    layers = user_layers(FinetuneConfig, path, overrides)
+    explicit: dict[str, Any] = {}
+    for _, data in layers:
+        explicit.update(_flatten(data))
     try:  # typed view of what the user wrote, before presets (errors name the key via load_config below)
-        layers = [OmegaConf.from_dotlist([f"{k}={v}" if v else f"{k}=''"]) for k, v in pairs]
-        merged = OmegaConf.merge(OmegaConf.structured(FinetuneConfig), OmegaConf.create(raw), *layers)
+        merged = OmegaConf.merge(OmegaConf.structured(FinetuneConfig), *(OmegaConf.create(d) for _, d in layers))
     except OmegaConfBaseException:
         return load_config(FinetuneConfig, path, overrides)  # raises with the offending key
     method, init, seed = merged.method, merged.init, merged.seed
@@ -252,6 +274,53 @@ def parse(argv: list[str]) -> FinetuneConfig:
     return load_finetune_config(path, overrides)
 
 
+def preflight(cfg: FinetuneConfig, environ: Mapping[str, str] | None = None) -> None:
+    """Checks that need files or the launcher, run before a process, a backbone or a file of the run
+    exists (DESIGN section 9); each raises :class:`ConfigError` naming the key and the path.
+
+    One process, the backbone's architecture and checkpoint, the artifact of ``init=artifact``, the
+    dataset's files and shots per class, and every evaluation target (so a missing target fails now,
+    not after training).
+    """
+    from pipeline.distributed import launcher_world_size
+
+    world = launcher_world_size(os.environ if environ is None else environ)
+    if world is not None and world > 1:
+        raise ConfigError(f"stage 2 runs in one process but the launcher starts {world} (WORLD_SIZE); "
+                          "launch one job per run")
+    from pipeline.backbone import check_backbone
+    from pipeline.evaluate import check_dataset
+
+    check_backbone(cfg.model.backbone, cfg.model.prompts, key="model.backbone", prompts_key="model.prompts")
+    if cfg.init == "artifact":
+        require_file(cfg.artifact, "artifact", "init=artifact needs the artifact.pt written by pipeline.pretrain")
+    trains = cfg.method != "zeroshot" and cfg.optim.epochs > 0
+    splits = check_dataset(cfg.data, "data", need=("train", "test") if trains else ("test",))
+    if trains and cfg.data.k_shot > 0 and not cfg.allow_fewer_shots:
+        check_shots(cfg.data, splits)
+    for name in cfg.eval.targets:
+        check_dataset(replace(cfg.data, dataset=name, subsample="all", k_shot=0, split_file=""),
+                      f"eval.targets ({name})", need=("test",))
+
+
+def check_shots(data: FewShotConfig, splits) -> None:
+    """Every trained class (``data.subsample``) has at least ``data.k_shot`` training images."""
+    from pipeline.data.fewshot import classnames_of, subsample_classes
+
+    try:
+        sub, names = subsample_classes(splits, classnames_of(splits), data.subsample)
+    except ValueError as e:
+        raise ConfigError(f"data: dataset {data.dataset} under data.root={data.root} has bad labels: {e}") from None
+    counts = Counter(x.label for x in sub["train"])
+    short = sorted((counts.get(y, 0), name) for y, name in enumerate(names) if counts.get(y, 0) < data.k_shot)
+    if short:
+        have, name = short[0]
+        raise ConfigError(
+            f"data.k_shot={data.k_shot} but {len(short)} of the {len(names)} {data.subsample} classes of "
+            f"{data.dataset} have fewer training images (fewest: {name!r} with {have}); lower data.k_shot, or set "
+            "allow_fewer_shots=true to train those classes on all their images (CoOp's behaviour)")
+
+
 def run(cfg: FinetuneConfig) -> dict:
     """Train (unless done) and evaluate one run; returns its results (read back when skipped)."""
     import json
@@ -260,6 +329,7 @@ def run(cfg: FinetuneConfig) -> dict:
     if results.exists() and not cfg.force:
         print(f"finetune: {results} exists; skipping (force=true reruns)")
         return {**json.loads(results.read_text()), "skipped": True}
+    preflight(cfg)
     from pipeline.finetune_loop import train
 
     return train(cfg, to_dict(cfg))

@@ -15,7 +15,9 @@ metadata) that stage 2 starts from.
 from __future__ import annotations
 
 import math
+import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +25,13 @@ if __package__ in (None, ""):  # `accelerate launch pipeline/pretrain.py` runs t
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-from pipeline.config import ConfigError, ModelConfig, load_config, parse_config_args, to_dict
+from pipeline.config import (
+    ConfigError,
+    ModelConfig,
+    load_config,
+    parse_config_args,
+    to_dict,
+)
 from pipeline.data.episodes import EpisodeConfig
 from pipeline.data.task_stream import TaskDataConfig
 from pipeline.meta.config import LossConfig, MetaConfig, RegulatorConfig, validate_meta_learning
@@ -94,6 +102,10 @@ class PretrainConfig:
     """``no`` or ``bf16`` (autocast on GPU; regulator and optimizer state stay fp32)."""
     cpu: bool = False
     """Run on the CPU even when a GPU is visible."""
+    threads: int = 0
+    """CPU intra-op threads per process (``torch.set_num_threads``); 0 = torch's default (``OMP_NUM_THREADS``,
+    else every core). More threads than free cores is catastrophic with these small operators: give each
+    process its share of the cores."""
     max_nonfinite: int = 10
     """Abort after this many consecutive steps with a non-finite loss or meta-gradient (each is skipped)."""
     collective_timeout_s: float = 600.0
@@ -117,8 +129,13 @@ class PretrainConfig:
                 raise ConfigError(f"optim.{key} must be >= 0")
         if self.checkpoint.every < 1 or self.checkpoint.keep_last < 1:
             raise ConfigError("checkpoint.every and checkpoint.keep_last must be >= 1")
+        if self.threads < 0:
+            raise ConfigError(f"threads={self.threads} must be >= 0 (0 = torch's default)")
         if self.max_nonfinite < 1:
             raise ConfigError(f"max_nonfinite={self.max_nonfinite} must be >= 1")
+        for t in self.frozen_templates:  # a template without {} gives every concept the same text
+            if "{}" not in t:
+                raise ConfigError(f"frozen_templates: {t!r} has no {{}} for the concept name")
 
 
 def lr_lambda(cfg: OptimConfig):
@@ -134,6 +151,28 @@ def lr_lambda(cfg: OptimConfig):
     return f
 
 
+def preflight(cfg: PretrainConfig, environ: Mapping[str, str] | None = None) -> None:
+    """Checks that need files or the launcher, run before a process group, a backbone or a file in
+    ``run_dir`` exists (DESIGN section 9); each raises :class:`ConfigError` naming the key and the path.
+
+    The launcher's world size and DeepSpeed stage against the config, the backbone's architecture and
+    checkpoint, the shards, the clustering against ``episodes`` (a task that can never be formed would
+    otherwise wait forever in the episode sampler), and ``run_dir`` against ``checkpoint.resume``.
+    """
+    from pipeline.backbone import check_backbone
+    from pipeline.checkpoint import list_checkpoints
+    from pipeline.data.task_checks import check_task_data
+    from pipeline.distributed import check_launcher
+
+    check_launcher(cfg.tasks_per_step, cfg.meta.meta_step and not cfg.meta.first_order,
+                   os.environ if environ is None else environ)
+    check_backbone(cfg.model.backbone, cfg.model.prompts, key="model.backbone", prompts_key="model.prompts")
+    check_task_data(cfg.data, cfg.episodes)
+    if not cfg.checkpoint.resume and list_checkpoints(cfg.run_dir):
+        raise ConfigError(f"checkpoint.resume=false but run_dir={cfg.run_dir} already holds checkpoints of another "
+                          "run; use a new run_dir (a fresh run would overwrite them)")
+
+
 def parse(argv: list[str]) -> PretrainConfig:
     path, overrides = parse_config_args(argv, "pipeline.pretrain", __doc__.splitlines()[0], "PretrainConfig")
     return load_config(PretrainConfig, path, overrides)
@@ -146,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
         argv = prepare_pretrain_demo(DEMO_CONFIG)
     cfg = parse(argv)
+    preflight(cfg)
     from pipeline.pretrain_loop import train
 
     result = train(cfg, to_dict(cfg))

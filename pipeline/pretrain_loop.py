@@ -33,7 +33,6 @@ from pipeline.regulator import Regulator
 from pipeline.tracking import Tracker, progress
 
 
-
 def episode_batches(ep: Episode, device: torch.device) -> tuple[Batch, Batch]:
     """Support and query :class:`Batch` es of an episode (the query in its own class list)."""
     n = ep.n_way
@@ -99,6 +98,8 @@ def _train(cfg, cfg_dict: dict, dist: Distributed) -> dict:
         raise ConfigError(f"tasks_per_step={cfg.tasks_per_step} is not divisible by the {dist.world_size} ranks")
     run_dir = Path(cfg.run_dir)
     device = dist.device
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     backbone = load_backbone(cfg.model.backbone, device=device, seed=cfg.model.seed)
     model = PromptedCLIP(backbone, cfg.model.prompts, generator=torch.Generator().manual_seed(cfg.model.seed))
     prompts = model.initial_prompts()

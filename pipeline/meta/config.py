@@ -83,7 +83,6 @@ class MetaConfig:
     """Stage 2 label space of the virtual tasks: ``present`` (episodic: the inner step classifies among
     the support's classes, the outer loss among support + query classes, as in stage 1; the text tower
     then runs on a handful of classes) or ``all`` (the batch's full label space for both)."""
-    """Stage 2: classes of the batch held out as the query set (capped so the support keeps one class)."""
     log_query_before: bool = False
     """Also compute the query loss at the unadapted prompts (one extra no-grad forward) for logging."""
 
