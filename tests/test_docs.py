@@ -58,3 +58,12 @@ def test_slurm_scripts_parse(script):
     out = subprocess.run(["bash", "-n", str(ROOT / "slurm" / script)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert script in (ROOT / "slurm" / "README.md").read_text()
+
+
+def test_every_test_named_in_reliability_doc_exists():
+    doc = (ROOT / "docs" / "RELIABILITY.md").read_text()
+    named = set(re.findall(r"`(tests/test_\w+\.py)::(test_\w+)", doc))
+    assert len(named) > 40, "RELIABILITY.md names too few tests"
+    for path, name in sorted(named):
+        source = (ROOT / path).read_text()
+        assert re.search(rf"^def {name}\(", source, flags=re.M), f"RELIABILITY.md names {path}::{name}, which does not exist"
