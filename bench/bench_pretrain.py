@@ -70,6 +70,13 @@ def throughput(lines: list[dict], skip: int, samples_per_step: int) -> float:
     return steps * samples_per_step / (kept[-1]["time"] - kept[0]["time"])
 
 
+def _demo_tasks() -> int:
+    from pipeline.config import load_config
+    from pipeline.pretrain import PretrainConfig
+
+    return load_config(PretrainConfig, DEMO_CONFIG, []).tasks_per_step
+
+
 def samples_per_step(tasks: int) -> int:
     from pipeline.config import load_config
     from pipeline.pretrain import PretrainConfig
@@ -78,14 +85,40 @@ def samples_per_step(tasks: int) -> int:
     return tasks * cfg.episodes.n_way * (cfg.episodes.k_shot + cfg.episodes.q_query)
 
 
+def data_path_rate(urls: str, tasks: int, steps: int) -> float:
+    """Images/s the task streams deliver on one core with no training (decoding, augmentation and
+    episode assembly in the calling process, ``data.workers=0``): the CPU cost of the data path."""
+    import torch
+
+    from pipeline.backbone import load_backbone
+    from pipeline.config import load_config
+    from pipeline.data.task_stream import slot_loader
+    from pipeline.pretrain import PretrainConfig
+
+    torch.set_num_threads(1)
+    cfg = load_config(PretrainConfig, DEMO_CONFIG, [f"data.urls={urls}", "data.workers=0"])
+    preprocess = load_backbone(cfg.model.backbone).preprocess_train
+    streams = [slot_loader(cfg.data, cfg.episodes, preprocess, cfg.seed, 0, slot) for slot in range(tasks)]
+    for it in streams:  # fill the concept buffers first, as a running job has
+        next(it)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        for it in streams:
+            next(it)
+    return steps * samples_per_step(tasks) / (time.perf_counter() - t0)
+
+
 def run_datawait(args) -> dict:
     urls = demo_inputs()
+    samples_per_step_demo = samples_per_step(_demo_tasks())
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         lines = launch(urls, Path(tmp) / "run", 1, args.threads, args.steps, [])
         wall = time.perf_counter() - t0
     kept = [x for x in lines if x["step"] > args.skip]
-    return {
+    step_s = [samples_per_step_demo / x["samples_per_s"] for x in kept]
+    waited = sum(x["data_wait_fraction"] * t for x, t in zip(kept, step_s))
+    return {"run_fraction": waited / sum(step_s),
         "args": vars(args), "wall_s": wall, "steps": len(lines),
         "data_wait_fraction": spread([x["data_wait_fraction"] for x in kept]),
         "samples_per_s": spread([x["samples_per_s"] for x in kept]),
@@ -109,7 +142,11 @@ def run_scaling(args) -> dict:
                 rates.setdefault(label, []).append(throughput(lines, args.skip, per_step))
     labels = list(rates)
     base = statistics.median(rates[labels[0]])
-    return {"args": vars(args), "samples_per_step": per_step,
+    data_rate = data_path_rate(urls, args.tasks, args.steps)
+    return {"args": vars(args), "samples_per_step": per_step, "data_path_per_core": data_rate,
+            # 1 process computes on one core while its loader workers decode on the other; 2 processes
+            # must also fit the decoding into the same 2 cores: 2 / (1/compute + 1/decode) images/s
+            "ceiling_x_1_process": 2 / (1 + base / data_rate),
             "configs": {k: {**spread(v), "x_1_process": statistics.median(v) / base} for k, v in rates.items()}}
 
 
@@ -135,12 +172,19 @@ def markdown(result: dict) -> str:
             "", "| metric (per step) | min | median | max |", "|---|---:|---:|---:|",
             f"| data wait / step time | {100 * w['min']:.1f}% | **{100 * w['median']:.1f}%** | {100 * w['max']:.1f}% |",
             f"| samples/s | {s['min']:.0f} | {s['median']:.0f} | {s['max']:.0f} |",
+            "", f"Whole run (steps after warm-up; the data wait of each step weighted by its duration): "
+                f"**{100 * result['run_fraction']:.1f}%** of the time waiting for data.",
         ])
     lines = [f"{a['steps']} outer steps x {a['reps']} repetitions per configuration, {a['tasks']} tasks "
              f"({result['samples_per_step']} images) per outer step over all ranks, steps after {a['skip']} timed.",
              "", "| configuration | samples/s min | median | max | x 1 process (medians) |", "|---|---:|---:|---:|---:|"]
     for name, c in result["configs"].items():
         lines.append(f"| {name} | {c['min']:.1f} | {c['median']:.1f} | {c['max']:.1f} | **{c['x_1_process']:.2f}** |")
+    if "data_path_per_core" in result:
+        lines += ["", f"Data path alone (decode, augment, assemble episodes; no training), one core: "
+                      f"{result['data_path_per_core']:.0f} images/s. Ceiling for 2 processes on these 2 cores, "
+                      f"which must also do that decoding: 2 / (1 + compute rate / data rate) = "
+                      f"**{result['ceiling_x_1_process']:.2f}x** one process."]
     return "\n".join(lines)
 
 

@@ -190,6 +190,11 @@ class Distributed:
         """Fail fast on combinations that cannot work (DESIGN section 7)."""
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         if plugin is None:
+            if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and self.is_main:
+                # accelerate drops DeepSpeed without a word on the CPU (cpu=true or no GPU): say so
+                log.warning("the launcher config asks for DeepSpeed but accelerate runs without it here (%s, "
+                            "device %s); the run continues with plain all-reduced data parallelism",
+                            self.distributed_type, self.device)
             return
         stage = int(getattr(plugin, "zero_stage", 0) or 0)
         if stage in (1, 2) and self.is_main:

@@ -99,8 +99,6 @@ def _train(cfg, cfg_dict: dict, dist: Distributed) -> dict:
     run_dir, device = cfg.run_dir, dist.device
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    if cfg.force and (run_dir / CHECKPOINT_DIR).exists():
-        shutil.rmtree(run_dir / CHECKPOINT_DIR)
     backbone = load_backbone(cfg.model.backbone, device=device, seed=cfg.model.seed)
     model = PromptedCLIP(backbone, cfg.model.prompts, generator=torch.Generator().manual_seed(cfg.seed))
     prompts = model.initial_prompts()
@@ -108,6 +106,9 @@ def _train(cfg, cfg_dict: dict, dist: Distributed) -> dict:
     regulator = Regulator.for_prompts(prompts, cfg.regulator).to(device)
     model_meta = artifact_metadata(cfg_dict, {k: v.detach() for k, v in prompts.items()})
     init_info = init_from_artifact(cfg, model_meta, prompts, regulator) if cfg.init == "artifact" else {}
+    # only now, with the backbone built and the artifact accepted, may force=true drop the old run's state
+    if cfg.force and (run_dir / CHECKPOINT_DIR).exists():
+        shutil.rmtree(run_dir / CHECKPOINT_DIR)
 
     fs = build_fewshot(cfg.data)
     templates = cfg.frozen_templates or (fs.template,)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 
 import pytest
@@ -30,7 +31,7 @@ def test_digest_is_bit_exact():
     assert tensor_digest(a) != tensor_digest(b)
 
 
-def test_single_process_collectives_and_zero3_refusal(monkeypatch):
+def test_single_process_collectives_and_zero3_refusal(monkeypatch, caplog):
     dist = Distributed(cpu=True)
     assert (dist.rank, dist.world_size, dist.is_main) == (0, 1, True)
     g = [torch.full((2, 3), 2.0), torch.ones(5, dtype=torch.float64)]
@@ -39,6 +40,11 @@ def test_single_process_collectives_and_zero3_refusal(monkeypatch):
     assert dist.any(True) and not dist.any(False)
     assert dist.verify_identical(g) == tensor_digest(g)
     dist.check_backend(second_order=True)  # no DeepSpeed: nothing to refuse
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # asked for, but accelerate dropped it on the CPU
+    with caplog.at_level(logging.WARNING, logger="pipeline.distributed"):
+        dist.check_backend(second_order=True)
+    assert "asks for DeepSpeed but accelerate runs without it" in caplog.text
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     state_cls = type(dist.accelerator.state)
     monkeypatch.setattr(state_cls, "deepspeed_plugin", property(lambda self: SimpleNamespace(zero_stage=3)))
     with pytest.raises(ConfigError, match="ZeRO-3"):

@@ -135,3 +135,16 @@ def test_rerun_without_results_resumes_from_the_last_epoch_checkpoint(data_root,
     assert again["base"]["correct"] == first["base"]["correct"]
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]  # nothing trained twice
+
+
+def test_force_rerun_with_a_refused_artifact_keeps_the_old_checkpoints(data_root, tmp_path):
+    base = finetune_overrides(data_root, tmp_path, ("method=ivlp", "optim.epochs=1", "name=kept"))
+    assert finetune.main(base) == 0
+    run = tmp_path / "OxfordPets" / "kept" / "seed_1"
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert before
+    cfg = finetune.load_finetune_config(None, base)
+    other_arch, _ = _artifact(tmp_path, cfg, backbone={"arch": "tiny-vit"})
+    with pytest.raises(ValueError, match="backbone.arch"):
+        finetune.main([*base, "init=artifact", f"artifact={other_arch}", "force=true"])
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before  # refused before anything was deleted
