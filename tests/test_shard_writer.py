@@ -53,6 +53,7 @@ def test_csv_to_shards_layout_counts_and_skips(tmp_path):
         jpg = tar.extractfile("000000003.jpg").read()
         meta = json.loads(tar.extractfile("000000003.json").read())
         assert tar.extractfile("000000003.txt").read() == b"picture 3"
+        assert not any(m.pax_headers for m in tar.getmembers())  # plain headers: cheaper for every reader
     assert jpg[:2] == b"\xff\xd8"  # PNG input re-encoded to JPEG
     assert meta["caption"] == "picture 3" and (meta["width"], meta["height"]) == (10, 12)
     assert not list((tmp_path / "out").glob(".*.tmp"))

@@ -74,7 +74,7 @@ def _encode(image: str | bytes, image_format: str) -> tuple[bytes, str, tuple[in
         return buf.getvalue(), "jpg", size
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
+def _add(tar: tarfile.TarFile, name: str, data: bytes, mtime: int) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), mtime, 0o444
     tar.addfile(info, io.BytesIO(data))
@@ -102,7 +102,7 @@ def write_shards(
     shards: dict[str, int] = {}
     skipped: Counter[str] = Counter()
     tar, tmp, name, n_in_shard, key = None, None, "", 0, first_key
-    mtime = time.time()
+    mtime = int(time.time())  # a fractional mtime costs every member a PAX header, which readers parse in Python
 
     def close() -> None:
         if tar is not None:

@@ -152,8 +152,10 @@ class SlotStream(IterableDataset):
     def _decode(self, raw: bytes, rng: random.Random):
         # torchvision's random crops draw from the global torch RNG, whose state depends on what else the
         # process did; a per-stream seed per image keeps the views identical for any rank layout
+        # (the CPU generator only: torch.manual_seed also queues a seed for every lazy accelerator backend,
+        # formatting a stack trace each time, which cost a third of the data path's CPU time)
         with open_image(raw, self.data.max_image_pixels) as im, torch.random.fork_rng(devices=[]):
-            torch.manual_seed(rng.getrandbits(63))
+            torch.default_generator.manual_seed(rng.getrandbits(63))
             return self.preprocess(im.convert("RGB"))
 
     @staticmethod
