@@ -61,7 +61,7 @@ BENCHES: dict[str, Bench] = {
     "datawait": Bench("Stage-1 run: data wait and throughput", "bench_pretrain.py",
                       ("datawait", "--steps", "60"), ("datawait", "--steps", "12", "--skip", "2")),
     "scaling": Bench("Stage-1 run: 1 vs 2 processes", "bench_pretrain.py",
-                     ("scaling", "--steps", "40", "--reps", "2"), ("scaling", "--steps", "8", "--skip", "2", "--reps", "1")),
+                     ("scaling", "--steps", "40", "--reps", "3"), ("scaling", "--steps", "8", "--skip", "2", "--reps", "1")),
     "cluster": Bench("Clustering 1M pairs", "bench_cluster.py",
                      ("--n", "1000000", "--reps", "3"), ("--n", "50000", "--reps", "1")),
     "gpu-meta-vitb16": Bench("GPU: ViT-B/16 bf16 meta overhead, samples/s, peak memory", "bench_meta.py",
