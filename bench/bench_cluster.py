@@ -10,7 +10,6 @@ is exact nearest-centroid search over every point, batched.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import statistics
 import sys
@@ -20,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import cli, spread  # noqa: E402
 
 from pipeline.data.clustering import KMeansConfig, fit_hierarchy  # noqa: E402
 
@@ -55,7 +56,6 @@ def run(argv: list[str]) -> dict:
         t2 = time.perf_counter()
         fits.append(t1 - t0)
         assigns.append(t2 - t1)
-    spread = lambda xs: {"min": min(xs), "median": statistics.median(xs), "max": max(xs)}  # noqa: E731
     return {"args": vars(args), "fit_s": spread(fits), "assign_s": spread(assigns),
             "assign_points_per_s": args.n / statistics.median(assigns),
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
@@ -76,18 +76,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--json-out", default="")
-    p.add_argument("--markdown-out", default="")
-    known, rest = p.parse_known_args(argv)
-    result = run(rest)
-    if known.json_out:
-        Path(known.json_out).write_text(json.dumps(result, indent=1))
-    text = markdown(result)
-    if known.markdown_out:
-        Path(known.markdown_out).write_text(text + "\n")
-    print(text)
+    cli(run, markdown, argv)
 
 
 if __name__ == "__main__":

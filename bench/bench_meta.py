@@ -33,6 +33,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import cli, spread  # noqa: E402
+
 from pipeline.backbone import load_backbone  # noqa: E402
 from pipeline.config import BackboneConfig, PromptConfig  # noqa: E402
 from pipeline.meta.config import LossConfig, MetaConfig, RegulatorConfig  # noqa: E402
@@ -177,10 +179,6 @@ def _memory(fn, cuda: bool) -> float:
     return (peak[0] - base) / 2**20
 
 
-def spread(xs: list[float]) -> dict[str, float]:
-    return {"min": min(xs), "median": statistics.median(xs), "max": max(xs)}
-
-
 def run(argv: list[str]) -> dict:
     """Run the benchmark; returns a JSON-able dict (see :func:`markdown`)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -255,20 +253,10 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--json-out", default="")
-    p.add_argument("--markdown-out", default="")
-    known, rest = p.parse_known_args(argv)
-    result = run(rest)
-    if "peak_mib" in result and len(result) == 1:  # memory subprocess
-        print(json.dumps(result))
+    if "--memory-of" in argv:  # the per-variant memory subprocess answers in JSON on stdout
+        print(json.dumps(run(argv)))
         return
-    if known.json_out:
-        Path(known.json_out).write_text(json.dumps(result, indent=1))
-    text = markdown(result)
-    if known.markdown_out:
-        Path(known.markdown_out).write_text(text + "\n")
-    print(text)
+    cli(run, markdown, argv)
 
 
 if __name__ == "__main__":

@@ -32,12 +32,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import cli, spread  # noqa: E402
+
 DEMO_CONFIG = ROOT / "configs" / "pretrain" / "demo.yaml"
 LAUNCH = ROOT / "launch" / "accelerate"
-
-
-def spread(xs: list[float]) -> dict[str, float]:
-    return {"min": min(xs), "median": statistics.median(xs), "max": max(xs)}
 
 
 def demo_inputs() -> str:
@@ -189,18 +187,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--json-out", default="")
-    p.add_argument("--markdown-out", default="")
-    known, rest = p.parse_known_args(argv)
-    result = run(rest)
-    if known.json_out:
-        Path(known.json_out).write_text(json.dumps(result, indent=1))
-    text = markdown(result)
-    if known.markdown_out:
-        Path(known.markdown_out).write_text(text + "\n")
-    print(text)
+    cli(run, markdown, argv)
 
 
 if __name__ == "__main__":

@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import statistics
-import sys
 import tempfile
 import time
 from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
+from common import cli, spread
 from PIL import Image
 
 from pipeline.backbone import load_backbone
@@ -77,10 +76,6 @@ def timed(fn, *a) -> tuple[float, int]:
     return n / (time.perf_counter() - t0), n
 
 
-def summary(xs: list[float]) -> dict:
-    return {"min": round(min(xs), 1), "median": round(statistics.median(xs), 1), "max": round(max(xs), 1)}
-
-
 def run(argv: list[str]) -> dict:
     """Run the benchmark; returns a JSON-able dict (see :func:`markdown`)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -107,7 +102,7 @@ def run(argv: list[str]) -> dict:
                     rate, counts[name] = timed(fn, urls, bb, args, train)
                     rates[name].append(rate)
             ratio = statistics.median(rates["ours"]) / statistics.median(rates["open_clip"])
-            result[setting] = {"samples": counts, **{k: summary(v) for k, v in rates.items()},
+            result[setting] = {"samples": counts, **{k: spread(v) for k, v in rates.items()},
                                "ratio_ours_over_open_clip": round(ratio, 3)}
     return result
 
@@ -128,18 +123,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(add_help=False)
-    ap.add_argument("--json-out", default="")
-    ap.add_argument("--markdown-out", default="")
-    known, rest = ap.parse_known_args(argv)
-    result = run(rest)
-    if known.json_out:
-        Path(known.json_out).write_text(json.dumps(result, indent=1))
-    text = markdown(result)
-    if known.markdown_out:
-        Path(known.markdown_out).write_text(text + "\n")
-    print(text)
+    cli(run, markdown, argv)
 
 
 if __name__ == "__main__":
