@@ -20,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import ConfigError, load_config, parse_config_args, require_dir, require_file
+from pipeline.config import ConfigError, load_config, parse_config_args
 from pipeline.data.clustering import Hierarchy, KMeansConfig, clean_caption, fit_hierarchy
 from pipeline.data.features import finished_stems, read_features
+from pipeline.inputs import require_dir, require_file
 
 
 @dataclass(frozen=True)

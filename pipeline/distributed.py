@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from pipeline.config import ConfigError, require_file
+from pipeline.config import ConfigError
+from pipeline.inputs import require_file
 
 log = logging.getLogger(__name__)
 

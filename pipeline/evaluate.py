@@ -23,9 +23,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.checkpoint import atomic_write, git_revision, load_artifact
-from pipeline.config import ConfigError, require_dir, require_file
+from pipeline.config import ConfigError
 from pipeline.data.config import FewShotConfig
 from pipeline.data.fewshot import ImageListDataset, Splits, build_fewshot, load_splits
+from pipeline.inputs import require_dir, require_file
 from pipeline.prompts import PromptedCLIP, Prompts
 from pipeline.zeroshot import zeroshot_weights
 

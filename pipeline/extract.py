@@ -26,8 +26,6 @@ from pipeline.backbone import check_backbone, load_backbone
 from pipeline.config import (
     BackboneConfig,
     ConfigError,
-    check_shard_urls,
-    is_local,
     load_config,
     parse_config_args,
 )
@@ -35,6 +33,7 @@ from pipeline.data.config import ShardDataConfig
 from pipeline.data.features import ShardFeatures, is_done, shard_stem, write_features
 from pipeline.data.shards import build_shard_loader, expand_sources
 from pipeline.distributed import Distributed, array_task_id
+from pipeline.inputs import check_shard_urls, is_local
 
 
 @dataclass(frozen=True)

@@ -34,11 +34,11 @@ from pipeline.config import (
     ModelConfig,
     load_config,
     parse_config_args,
-    require_file,
     to_dict,
     user_layers,
 )
 from pipeline.data.config import SUBSAMPLES, FewShotConfig
+from pipeline.inputs import require_file
 from pipeline.meta.config import LossConfig, MetaConfig, RegulatorConfig, validate_meta_learning
 from pipeline.tracking import TrackingConfig
 

@@ -15,7 +15,8 @@ Ranks are explicit arguments (a separate module maps launcher variables to ranks
 plain ``torch.utils.data.DataLoader`` that must *not* go through ``accelerator.prepare`` (it would
 split the stream a second time).
 
-Bad data never stops the stream; each skip is counted under one of :data:`SKIP_REASONS`:
+Bad data never stops the stream; each skip is counted under one of :data:`SKIP_REASONS`
+(the checks themselves are in :mod:`pipeline.data.sample_checks`):
 
 * ``missing_image`` / ``missing_caption``: the sample has no member with an image key / the text key;
 * ``bad_image``: the image bytes do not decode (corrupt, truncated, zero bytes, not an image). The
@@ -45,7 +46,6 @@ no shared memory or locks.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import random
@@ -56,111 +56,22 @@ from collections.abc import Callable, Iterator
 
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.config import ShardDataConfig, validate_shard_data
+from pipeline.data.sample_checks import (  # noqa: F401  (NoUsableData, SKIP_REASONS: part of this module's API)
+    _OPEN,
+    SKIP_REASONS,
+    NoUsableData,
+    OversizedImage,
+    StreamHealth,
+    _public,
+    check_sample,
+    health_limit,
+    open_image,
+)
 
-SKIP_REASONS = ("bad_image", "oversized_image", "missing_image", "missing_caption", "empty_caption",
-                "bad_caption", "bad_shard")
-"""Counters of skipped data (see the module docstring); ``bad_shard`` counts shards unreadable or
-truncated (rest skipped), the others count samples."""
 _STATS, _WORKER, _FINAL = "__stats__", "__worker__", "__final__"
-_OPEN = "__open__"  # raw-sample field: the number of the shard opening the sample came from
-
-
-class NoUsableData(RuntimeError):
-    """The shards cannot deliver a single usable sample (wrong URLs, every shard or sample bad)."""
-
-
-class OversizedImage(ValueError):
-    """An image whose header declares more pixels than allowed; raised before any pixel is decoded."""
-
-
-def open_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Open ``data`` lazily (header only) and refuse images above ``max_pixels`` (0: no own limit).
-
-    Raises :class:`OversizedImage` for too many pixels, including PIL's own decompression-bomb error
-    (above twice ``PIL.Image.MAX_IMAGE_PIXELS``); any other exception means undecodable bytes. The
-    caller decodes with ``.convert`` / ``.load`` and closes the image.
-    """
-    try:
-        pil_limit = Image.MAX_IMAGE_PIXELS
-        if max_pixels and pil_limit is not None and max_pixels <= pil_limit:
-            # every image PIL would warn about is refused below: skip its warning, the count says it all
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                im = Image.open(io.BytesIO(data))
-        else:
-            im = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as e:
-        raise OversizedImage(str(e)) from None
-    width, height = im.size
-    if max_pixels and width * height > max_pixels:
-        im.close()
-        raise OversizedImage(f"{width}x{height} pixels > max_image_pixels={max_pixels}")
-    return im
-
-
-def check_sample(s: dict, image_keys: tuple[str, ...], text_key: str, stats: Counter) -> tuple[str, str] | None:
-    """``(image key, caption)`` of a raw sample, or ``None`` with the reason counted in ``stats``.
-
-    Checks everything but the image bytes. Among several image members the first non-empty one in
-    ``image_keys`` order wins, so a zero-byte ``.jpg`` next to a good ``.png`` does not lose the pair.
-    """
-    present = [k for k in image_keys if k in s]
-    if not present:
-        stats["missing_image"] += 1
-        return None
-    ext = next((k for k in present if s[k]), present[0])
-    if text_key not in s:
-        stats["missing_caption"] += 1
-        return None
-    try:
-        caption = s[text_key].decode("utf-8-sig").strip()  # -sig: drop a byte-order mark, if any
-    except UnicodeDecodeError:
-        stats["bad_caption"] += 1
-        return None
-    if not caption:
-        stats["empty_caption"] += 1
-        return None
-    return ext, caption
-
-
-class StreamHealth:
-    """Stops an endless (resampled) stream that can never deliver, instead of letting it spin forever.
-
-    Both signals count shard *openings*, so the limit scales with the data, not with sample counts:
-
-    * :meth:`check_open` (before each opening): ``limit`` openings in a row gave no raw sample at all
-      (missing, unreadable or empty shards);
-    * :meth:`sample` (where samples are checked): the samples skipped since the last usable one came
-      from more than ``limit`` different openings (every sample bad). Each raw sample carries the
-      number of its opening and the check runs *after* the shuffle buffer. Comparing with the
-      reader's own opening count instead would run a buffer's worth of shards ahead of the checks and
-      stop a healthy stream of small shards before its first sample was checked.
-    """
-
-    def __init__(self, limit: int, urls: str, stats: Counter):
-        self.limit, self.urls, self.stats = limit, urls, stats
-        self._bad_opens: set[int] = set()
-
-    def check_open(self) -> None:
-        """Raise :class:`NoUsableData` after ``limit`` openings in a row without a raw sample."""
-        dry = self.stats["shards"] - self.stats["_last_raw_open"]
-        if dry >= self.limit:
-            raise NoUsableData(f"no usable samples in the last {dry} shards opened: none could be read or "
-                               f"held a sample; check data.urls={self.urls!r} (counts: {_public(self.stats)})")
-
-    def sample(self, s: dict, usable: bool) -> None:
-        """Record one checked sample; raise once the skipped ones span more than ``limit`` openings."""
-        if usable:
-            self._bad_opens.clear()
-            return
-        self._bad_opens.add(s.get(_OPEN, 0))
-        if len(self._bad_opens) > self.limit:
-            raise NoUsableData(f"no usable samples in the last {len(self._bad_opens)} shards opened: every "
-                               f"sample was skipped; check data.urls={self.urls!r} (counts: {_public(self.stats)})")
 
 
 def expand_sources(urls: str) -> list[list[str]]:
@@ -366,19 +277,6 @@ class ShardStream(IterableDataset):
             batch[_STATS], batch[_WORKER] = dict(stats), worker
             yield batch
         yield {_STATS: dict(stats), _WORKER: worker, _FINAL: True}
-
-
-def health_limit(sources: list[list[str]]) -> int:
-    """Shard openings in a row without a usable sample after which a resampled stream gives up.
-
-    Three times the number of shards (at least 20): a stream with any usable shard meets one long
-    before that, while a hopeless one fails after a fraction of a second of opening bad shards.
-    """
-    return max(20, 3 * sum(len(s) for s in sources))
-
-
-def _public(stats: dict) -> dict[str, int]:
-    return {k: v for k, v in stats.items() if not k.startswith("_")}
 
 
 class ShardLoader:

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import ConfigError, check_shard_urls, require_dir, require_file
+from pipeline.config import ConfigError
 from pipeline.data.episodes import EpisodeConfig
 from pipeline.data.features import shard_stem
 from pipeline.data.task_stream import TaskDataConfig
+from pipeline.inputs import check_shard_urls, require_dir, require_file
 
 
 def check_task_data(data: TaskDataConfig, ep: EpisodeConfig) -> None:

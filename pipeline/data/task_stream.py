@@ -33,17 +33,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import ConfigError
 from pipeline.data.episodes import ConceptTable, Episode, EpisodeConfig, EpisodeSampler
-from pipeline.data.shards import (
+from pipeline.data.sample_checks import (
     NoUsableData,
     OversizedImage,
     StreamHealth,
     check_sample,
-    expand_sources,
     health_limit,
-    iter_tar_samples,
     open_image,
-    source_weights,
 )
+from pipeline.data.shards import expand_sources, iter_tar_samples, source_weights
 
 COUNTERS = ("samples", "shards", "bad_shard", "bad_image", "oversized_image", "missing_image", "missing_caption",
             "empty_caption", "bad_caption", "unassigned")
