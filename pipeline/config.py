@@ -17,7 +17,8 @@ refused, nothing is constructed), and OmegaConf interpolations and resolvers (``
 run a registered function nor copy an environment variable (a token) into checkpoints and W&B.
 
 Files a config names (checkpoints, shards, clusters, datasets) are checked by each stage's
-``preflight`` before anything starts, with the helpers of :mod:`pipeline.inputs`, so a typo costs seconds, not a queued job.
+``preflight`` before anything starts, with the helpers of :mod:`pipeline.inputs`, so a typo costs
+seconds, not a queued job.
 """
 
 from __future__ import annotations
