@@ -216,7 +216,8 @@ class Distributed:
         tensors = list(tensors)
         if not self.active or not tensors:
             return
-        flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
+        device = self._collective_device()  # NCCL only moves CUDA tensors, gloo only CPU ones
+        flat = torch.cat([t.detach().reshape(-1).to(device=device, dtype=torch.float64) for t in tensors])
         with self._guard("broadcast"):
             dist.broadcast(flat, src=src)
         _unflatten_into(flat, tensors)
@@ -231,7 +232,9 @@ class Distributed:
         if not tensors:
             return 0
         dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-        flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])  # [sum of numels]
+        # on the backend's device: metrics live on the CPU, gradients on the accelerator, NCCL takes CUDA only
+        device = self._collective_device() if self.active else tensors[0].device
+        flat = torch.cat([t.reshape(-1).to(device=device, dtype=dtype) for t in tensors])  # [sum of numels]
         if self.active:
             with self._guard("all_reduce"):
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM)

@@ -33,7 +33,7 @@ def mixup_cross_entropy(logits: Tensor, labels_a: Tensor, labels_b: Tensor, lam:
     log_p = F.log_softmax(logits, dim=-1)  # [n, C]
     nll_a = -log_p.gather(1, labels_a[:, None]).squeeze(1)
     nll_b = -log_p.gather(1, labels_b[:, None]).squeeze(1)
-    lam = lam.to(log_p.dtype)
+    lam = lam.to(device=log_p.device, dtype=log_p.dtype)
     return (lam * nll_a + (1.0 - lam) * nll_b).mean()
 
 

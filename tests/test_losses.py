@@ -75,3 +75,16 @@ def test_mix_features_endpoints_and_norm():
 def test_accuracy():
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0]])
     assert math.isclose(float(accuracy(logits, torch.tensor([0, 1, 1]))), 2 / 3, rel_tol=1e-6)
+
+
+def test_mixup_helpers_follow_the_features_device():
+    """Mixup samples are drawn on the CPU (seeded generators); the losses must move them to the features'
+    device. The meta device stands in for a GPU here: mixing devices fails there exactly as on CUDA."""
+    from pipeline.losses import MixupSample, mix_features, mixup_cross_entropy
+
+    lam = torch.rand(3, dtype=torch.float64)
+    sample = MixupSample(lam=lam, partner=torch.tensor([0, 1, 0]))
+    mixed = mix_features(torch.randn(3, 8, device="meta"), torch.randn(2, 8, device="meta"), sample)
+    labels = torch.zeros(3, dtype=torch.long, device="meta")
+    loss = mixup_cross_entropy(torch.randn(3, 4, device="meta"), labels, labels, lam)
+    assert mixed.device.type == "meta" and loss.device.type == "meta" and loss.shape == ()
