@@ -453,3 +453,28 @@ def test_hopeless_task_stream_raises_instead_of_waiting_forever(tmp_path, case, 
     cfg = _task_cfg(data, workers)
     text = _expect_no_usable(lambda: list(slot_loader(cfg, EPISODES, to_tensor, seed=0, epoch=0, slot=0)), message)
     assert "data.urls" in text
+
+
+def test_huge_tar_member_is_skipped_unread_and_counted(tmp_path, monkeypatch):
+    """A member over ``max_member_bytes`` (here 1 MiB of a 3 MiB "image") is never extracted: the stream
+    skips its bytes, and its sample is counted once as ``oversized_member``; its neighbours arrive."""
+    import tarfile
+
+    big = {"__key__": "huge", "jpg": np.random.default_rng(0).bytes(3 * 2**20), "txt": b"a huge one"}
+    write_tar(tmp_path / "000000.tar", [good("g0", 0), big, good("g1", 1)])
+    extracted: list[int] = []
+    real = tarfile.TarFile.extractfile
+
+    def spy(self, member):
+        extracted.append(member.size)
+        return real(self, member)
+
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", spy)
+    loader = build_shard_loader(_shard_cfg(str(tmp_path / "000000.tar"), max_member_bytes=2**20))
+    keys, _ = _read(loader)
+    assert sorted(keys) == ["g0", "g1"] and loader.skip_counts == {"oversized_member": 1}
+    assert extracted and max(extracted) < 2**20  # the 3 MiB member was never read
+    with pytest.raises(ConfigError, match="data.max_member_bytes"):
+        build_shard_loader(ShardDataConfig(urls="a.tar", resampled=False, max_member_bytes=-1))
+    with pytest.raises(ConfigError, match="data.max_member_bytes"):
+        TaskDataConfig(urls="a.tar", max_member_bytes=-1).validate()

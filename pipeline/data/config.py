@@ -51,6 +51,9 @@ class ShardDataConfig:
     ``oversized_image`` without being decoded (a decompression bomb would otherwise take gigabytes of
     RAM). The default is PIL's own warning threshold (about 9459 x 9459); 0 turns this limit off, which
     leaves PIL's hard error at twice ``PIL.Image.MAX_IMAGE_PIXELS`` (also counted as oversized)."""
+    max_member_bytes: int = 128 * 2**20
+    """Tar members larger than this are not read into memory (the reader skips over their bytes); their
+    sample is skipped and counted as ``oversized_member``. 0 = no limit."""
     allow_empty: bool = False
     """Single-pass mode: ``False`` raises at the end of a pass whose shards gave no usable sample at all
     (wrong URLs, every shard missing or corrupt); ``True`` lets such a pass end empty."""
@@ -91,6 +94,8 @@ def validate_shard_data(cfg: ShardDataConfig, world_size: int = 1) -> None:
         raise ConfigError(f"data.workers={cfg.workers} must be >= 0")
     if cfg.shuffle_buffer < 0 or cfg.shuffle_initial < 0:
         raise ConfigError("data.shuffle_buffer and data.shuffle_initial must be >= 0")
+    if cfg.max_member_bytes < 0:
+        raise ConfigError(f"data.max_member_bytes={cfg.max_member_bytes} must be >= 0 (0 = no limit)")
     if cfg.max_image_pixels < 0:
         raise ConfigError(f"data.max_image_pixels={cfg.max_image_pixels} must be >= 0 (0 = no limit of our own)")
     if cfg.resampled and cfg.epoch_samples < 1:

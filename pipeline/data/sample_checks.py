@@ -12,11 +12,12 @@ from collections import Counter
 
 from PIL import Image
 
-SKIP_REASONS = ("bad_image", "oversized_image", "missing_image", "missing_caption", "empty_caption",
-                "bad_caption", "bad_shard")
+SKIP_REASONS = ("bad_image", "oversized_image", "oversized_member", "missing_image", "missing_caption",
+                "empty_caption", "bad_caption", "bad_shard")
 """Counters of skipped data (see the module docstring); ``bad_shard`` counts shards unreadable or
 truncated (rest skipped), the others count samples."""
 _OPEN = "__open__"  # raw-sample field: the number of the shard opening the sample came from
+_DROPPED = "__dropped__"  # raw-sample field: a member left unread for its size (max_member_bytes)
 
 
 class NoUsableData(RuntimeError):
@@ -58,6 +59,9 @@ def check_sample(s: dict, image_keys: tuple[str, ...], text_key: str, stats: Cou
     Checks everything but the image bytes. Among several image members the first non-empty one in
     ``image_keys`` order wins, so a zero-byte ``.jpg`` next to a good ``.png`` does not lose the pair.
     """
+    if _DROPPED in s:  # a member too large to read: the sample is incomplete by design
+        stats["oversized_member"] += 1
+        return None
     present = [k for k in image_keys if k in s]
     if not present:
         stats["missing_image"] += 1

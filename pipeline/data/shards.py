@@ -23,6 +23,8 @@ Bad data never stops the stream; each skip is counted under one of :data:`SKIP_R
   extension is not trusted: PIL detects the format from the bytes, so PNG bytes named ``.jpg`` decode;
 * ``oversized_image``: width x height above :attr:`ShardDataConfig.max_image_pixels` (or PIL's own
   decompression-bomb limit), read from the image header, so the pixels are never decoded;
+* ``oversized_member``: a tar member above :attr:`ShardDataConfig.max_member_bytes`, skipped unread (a
+  multi-gigabyte member never reaches memory);
 * ``empty_caption``: the caption is empty or blank (a zero-byte ``.txt`` included);
 * ``bad_caption``: the caption is not valid UTF-8. Policy: such samples are *skipped*, not decoded
   with replacement characters, so mojibake never reaches the tokenizer or a concept name; a UTF-8
@@ -60,6 +62,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.config import ShardDataConfig, validate_shard_data
 from pipeline.data.sample_checks import (  # noqa: F401  (NoUsableData, SKIP_REASONS: part of this module's API)
+    _DROPPED,
     _OPEN,
     SKIP_REASONS,
     NoUsableData,
@@ -114,11 +117,13 @@ def _key_ext(name: str) -> tuple[str, str]:
     return (name, "") if dot < 0 else (name[:dot], name[dot + 1:].lower())
 
 
-def iter_tar_samples(urls: Iterator[str], stats: Counter) -> Iterator[dict]:
+def iter_tar_samples(urls: Iterator[str], stats: Counter, max_member_bytes: int = 0) -> Iterator[dict]:
     """Group tar members by key into raw samples ``{"__key__", "__url__", ext: bytes}``.
 
     A shard that fails to open, or breaks off (truncated), is warned about and counted as
-    ``bad_shard``; samples completed before the break are kept, the broken one is dropped.
+    ``bad_shard``; samples completed before the break are kept, the broken one is dropped. A member
+    over ``max_member_bytes`` (0 = no limit) is never read into memory (the stream skips its bytes);
+    its sample is marked so :func:`~pipeline.data.sample_checks.check_sample` skips and counts it.
     """
     for url in urls:
         stats["shards"] += 1
@@ -141,7 +146,10 @@ def iter_tar_samples(urls: Iterator[str], stats: Counter) -> Iterator[dict]:
                     if current is None:
                         current = {"__key__": key, "__url__": url, _OPEN: stats["shards"]}
                         stats["_last_raw_open"] = stats["shards"]
-                    current[ext] = tar.extractfile(info).read()
+                    if max_member_bytes and info.size > max_member_bytes:
+                        current[_DROPPED] = ext
+                    else:
+                        current[ext] = tar.extractfile(info).read()
                     end_of_last = info.offset_data + info.size
                 compressed = getattr(tar.fileobj, "comptype", "tar") != "tar"
             # an intact tar ends with zero blocks; a cut at a member boundary ends without error
@@ -265,7 +273,7 @@ class ShardStream(IterableDataset):
         # a single pass ends by itself (ShardLoader checks it delivered something); an endless one needs a guard
         health = StreamHealth(health_limit(self.sources), self.cfg.urls, stats) if self.cfg.resampled else None
         stages = [lambda: self._shard_urls(worker, n_workers, health),
-                  lambda src: iter_tar_samples(src, stats)]
+                  lambda src: iter_tar_samples(src, stats, self.cfg.max_member_bytes)]
         if self.cfg.shuffle_buffer > 0:
             stages.append(wds.shuffle(self.cfg.shuffle_buffer, self.cfg.shuffle_initial,
                                       rng=self._rng(worker, "samples")))

@@ -43,7 +43,8 @@ from pipeline.data.sample_checks import (
 )
 from pipeline.data.shards import expand_sources, iter_tar_samples, source_weights
 
-COUNTERS = ("samples", "shards", "bad_shard", "bad_image", "oversized_image", "missing_image", "missing_caption",
+COUNTERS = ("samples", "shards", "bad_shard", "bad_image", "oversized_image", "oversized_member", "missing_image",
+            "missing_caption",
             "empty_caption", "bad_caption", "unassigned")
 """Every counter a slot stream reports with its episodes (running totals of the emitting worker)."""
 
@@ -71,6 +72,8 @@ class TaskDataConfig:
     max_image_pixels: int = 89_478_485
     """Images whose header declares more pixels are skipped (``oversized_image``) without being decoded;
     0 = no own limit (PIL's decompression-bomb error still applies). See ``ShardDataConfig``."""
+    max_member_bytes: int = 128 * 2**20
+    """Larger tar members are skipped unread (``oversized_member``); 0 = no limit. See ``ShardDataConfig``."""
     epoch_steps: int = 100
     """Outer steps per data epoch (streams are reseeded at each epoch; resume replays < one epoch)."""
 
@@ -83,6 +86,8 @@ class TaskDataConfig:
             raise ConfigError(f"data.epoch_steps={self.epoch_steps} must be >= 1")
         if self.max_image_pixels < 0:
             raise ConfigError(f"data.max_image_pixels={self.max_image_pixels} must be >= 0")
+        if self.max_member_bytes < 0:
+            raise ConfigError(f"data.max_member_bytes={self.max_member_bytes} must be >= 0")
         expand_sources(self.urls)
         source_weights(self.weights, len(self.urls.split("::")))
 
@@ -171,7 +176,7 @@ class SlotStream(IterableDataset):
         seed = int(self._rng(worker, "episodes").getrandbits(63))
         views = self._rng(worker, "views")
         sampler = EpisodeSampler(self.table, self.episodes, seed, decode=lambda raw: self._decode(raw, views))
-        stages = [lambda: self._urls(worker, stats, health, sampler), lambda src: iter_tar_samples(src, stats)]
+        stages = [lambda: self._urls(worker, stats, health, sampler), lambda src: iter_tar_samples(src, stats, self.data.max_member_bytes)]
         if self.data.shuffle_buffer > 0:
             stages.append(wds.shuffle(self.data.shuffle_buffer, self.data.shuffle_initial,
                                       rng=self._rng(worker, "samples")))
