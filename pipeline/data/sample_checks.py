@@ -53,6 +53,20 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     return im
 
 
+def checked_image(data: bytes, max_pixels: int, stats: Counter, header_only: bool = False) -> Image.Image | None:
+    """The image of ``data`` decoded to RGB, or ``None`` with the reason counted in ``stats``
+    (``oversized_image`` or ``bad_image``). ``header_only``: read the header alone (cheap; truncated
+    pixel data shows only on a full decode) and return the closed, undecoded image."""
+    try:
+        with open_image(data, max_pixels) as im:
+            return im if header_only else im.convert("RGB")  # convert forces a full decode
+    except OversizedImage:
+        stats["oversized_image"] += 1
+    except Exception:  # PIL raises many types for data that is no image
+        stats["bad_image"] += 1
+    return None
+
+
 def check_sample(s: dict, image_keys: tuple[str, ...], text_key: str, stats: Counter) -> tuple[str, str] | None:
     """``(image key, caption)`` of a raw sample, or ``None`` with the reason counted in ``stats``.
 

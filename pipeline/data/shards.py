@@ -66,12 +66,11 @@ from pipeline.data.sample_checks import (  # noqa: F401  (NoUsableData, SKIP_REA
     _OPEN,
     SKIP_REASONS,
     NoUsableData,
-    OversizedImage,
     StreamHealth,
     _public,
     check_sample,
+    checked_image,
     health_limit,
-    open_image,
 )
 
 _STATS, _WORKER, _FINAL = "__stats__", "__worker__", "__final__"
@@ -190,14 +189,8 @@ def _decode_one(s: dict, stats: Counter, image_keys: tuple[str, ...], text_key: 
     if checked is None:
         return None
     ext, caption = checked
-    try:
-        with open_image(s[ext], max_pixels) as im:
-            image = im.convert("RGB")  # forces a full decode, so corrupt data fails here
-    except OversizedImage:
-        stats["oversized_image"] += 1
-        return None
-    except Exception:  # PIL raises many types for corrupt data
-        stats["bad_image"] += 1
+    image = checked_image(s[ext], max_pixels, stats)
+    if image is None:
         return None
     try:
         meta = json.loads(s["json"]) if "json" in s else {}

@@ -34,18 +34,17 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.config import ConfigError
 from pipeline.data.episodes import ConceptTable, Episode, EpisodeConfig, EpisodeSampler
 from pipeline.data.sample_checks import (
+    SKIP_REASONS,
     NoUsableData,
-    OversizedImage,
     StreamHealth,
     check_sample,
+    checked_image,
     health_limit,
     open_image,
 )
 from pipeline.data.shards import expand_sources, iter_tar_samples, source_weights
 
-COUNTERS = ("samples", "shards", "bad_shard", "bad_image", "oversized_image", "oversized_member", "missing_image",
-            "missing_caption",
-            "empty_caption", "bad_caption", "unassigned")
+COUNTERS = ("samples", "shards", *SKIP_REASONS, "unassigned")
 """Every counter a slot stream reports with its episodes (running totals of the emitting worker)."""
 
 
@@ -131,26 +130,16 @@ class SlotStream(IterableDataset):
         keys = tuple(k.strip().lower() for k in self.data.image_keys.split(";") if k.strip())
         for s in samples:
             checked = check_sample(s, keys, self.data.text_key, stats)
-            if checked is not None and not self._header_ok(s[checked[0]], stats):
+            # reading the header costs microseconds and keeps bytes that are no image (or a bomb) out of
+            # the buffers; truncated pixel data still shows only when the image is decoded for a task
+            if checked is not None and checked_image(s[checked[0]], self.data.max_image_pixels, stats,
+                                                     header_only=True) is None:
                 checked = None
             health.sample(s, checked is not None)
             if checked is None:
                 continue
             stats["samples"] += 1
             yield {"key": s["__key__"], "url": s["__url__"], "image": s[checked[0]]}
-
-    def _header_ok(self, data: bytes, stats: Counter) -> bool:
-        # reading the header costs microseconds and keeps bytes that are no image (or a bomb) out of the
-        # buffers; truncated pixel data still shows only when the image is decoded for a task
-        try:
-            open_image(data, self.data.max_image_pixels).close()
-        except OversizedImage:
-            stats["oversized_image"] += 1
-            return False
-        except Exception:  # PIL raises many types for data that is no image
-            stats["bad_image"] += 1
-            return False
-        return True
 
     def _decode(self, raw: bytes, rng: random.Random):
         # torchvision's random crops draw from the global torch RNG, whose state depends on what else the
@@ -176,7 +165,8 @@ class SlotStream(IterableDataset):
         seed = int(self._rng(worker, "episodes").getrandbits(63))
         views = self._rng(worker, "views")
         sampler = EpisodeSampler(self.table, self.episodes, seed, decode=lambda raw: self._decode(raw, views))
-        stages = [lambda: self._urls(worker, stats, health, sampler), lambda src: iter_tar_samples(src, stats, self.data.max_member_bytes)]
+        stages = [lambda: self._urls(worker, stats, health, sampler),
+                  lambda src: iter_tar_samples(src, stats, self.data.max_member_bytes)]
         if self.data.shuffle_buffer > 0:
             stages.append(wds.shuffle(self.data.shuffle_buffer, self.data.shuffle_initial,
                                       rng=self._rng(worker, "samples")))
