@@ -102,12 +102,16 @@ def check_launcher(tasks_per_step: int, second_order: bool, environ: Mapping[str
             stage = zero["stage"]
             source = f"zero_optimization.stage={stage} in {path}"
     if str(stage).strip() == "3":
-        raise ConfigError(
-            f"DeepSpeed ZeRO-3 ({source}) partitions parameters across ranks and cannot be combined with the "
-            "meta-learner's functional inner loop" + (" (second-order meta-gradients: meta.first_order=false)"
-                                                      if second_order else "")
-            + "; use a ZeRO stage 0-2 launcher config (launch/accelerate/deepspeed_zero2.yaml)")
+        raise zero3_error(source, second_order)
 
+
+def zero3_error(source: str, second_order: bool) -> ConfigError:
+    """The refusal of DeepSpeed ZeRO-3 (DESIGN section 7), before launch and at run time alike."""
+    return ConfigError(
+        f"DeepSpeed ZeRO-3 ({source}) partitions parameters across ranks and cannot be combined with the "
+        "meta-learner's functional inner loop" + (" (second-order meta-gradients: meta.first_order=false)"
+                                                  if second_order else "")
+        + "; use a ZeRO stage 0-2 launcher config (launch/accelerate/deepspeed_zero2.yaml)")
 
 
 class CollectiveError(RuntimeError):
@@ -202,12 +206,7 @@ class Distributed:
             log.warning("DeepSpeed ZeRO-%d: the meta-learner's state (prompts + regulator) stays replicated and is "
                         "reduced explicitly; ZeRO partitioning does not apply to it", stage)
         if stage == 3:
-            raise ConfigError(
-                "DeepSpeed ZeRO-3 partitions parameters across ranks and cannot be combined with the meta-"
-                "learner's functional (second- or first-order) inner loop; use a ZeRO stage 0-2 launcher config "
-                "(launch/accelerate/deepspeed_zero2.yaml)"
-                + (" — second-order meta-gradients were requested" if second_order else "")
-            )
+            raise zero3_error("accelerate's DeepSpeed plugin", second_order)
 
     # ------------------------------------------------------------------ collectives
     @torch.no_grad()
