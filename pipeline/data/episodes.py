@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict, defaultdict, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,18 +124,24 @@ class ConceptTable:
 
     def check(self, cfg: EpisodeConfig) -> None:
         """Fail before training when the clustering cannot provide the configured tasks."""
-        widest = max((len(v) for v in self.by_domain.values()), default=0)
-        if widest < cfg.n_way:
-            raise ConfigError(
-                f"episodes.n_way={cfg.n_way} but the largest domain has only {widest} concepts with >= "
-                f"k_shot + q_query = {cfg.k_shot + cfg.q_query} samples (clusters in {self.dir})"
-            )
-        ready = [d for d, v in self.by_domain.items() if len(v) >= cfg.n_way]
-        if cfg.p_cross_domain > 0 and len(ready) < 2:
-            raise ConfigError(
-                f"episodes.p_cross_domain={cfg.p_cross_domain} needs >= 2 domains with n_way={cfg.n_way} "
-                f"eligible concepts; found {len(ready)}"
-            )
+        check_task_widths({d: len(v) for d, v in self.by_domain.items()}, cfg, f"clusters in {self.dir}")
+
+
+def check_task_widths(widths: Mapping[int, int], cfg: EpisodeConfig, where: str) -> None:
+    """Refuse ``cfg`` when no domain has ``n_way`` usable concepts (``widths``: domain -> how many), or
+    when cross-domain queries need a second such domain; ``where`` says what was counted."""
+    need = cfg.k_shot + cfg.q_query
+    widest = max(widths.values(), default=0)
+    if widest < cfg.n_way:
+        raise ConfigError(
+            f"episodes.n_way={cfg.n_way} but the clustering has at most {widest} usable concepts in one domain "
+            f"(with >= k_shot + q_query = {need} samples; {where}); lower episodes.n_way, episodes.k_shot or "
+            "episodes.q_query, or cluster into more concepts")
+    ready = sum(n >= cfg.n_way for n in widths.values())
+    if cfg.p_cross_domain > 0 and ready < 2:
+        raise ConfigError(
+            f"episodes.p_cross_domain={cfg.p_cross_domain} needs 2 domains with n_way={cfg.n_way} usable concepts "
+            f"but the clustering has {ready} ({where}); set episodes.p_cross_domain=0 or lower episodes.n_way")
 
 
 class EpisodeSampler:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import ConfigError
-from pipeline.data.episodes import EpisodeConfig
+from pipeline.data.episodes import EpisodeConfig, check_task_widths
 from pipeline.data.features import shard_stem
 from pipeline.data.task_stream import TaskDataConfig
 from pipeline.inputs import check_shard_urls, require_dir, require_file
@@ -59,17 +59,8 @@ def check_task_data(data: TaskDataConfig, ep: EpisodeConfig) -> None:
     for c, (domain, name, _) in meta.items():
         if sizes.get(c, 0) >= need:
             names[domain].add(name)
-    widest = max((len(v) for v in names.values()), default=0)
-    if widest < ep.n_way:
-        raise ConfigError(
-            f"episodes.n_way={ep.n_way} but the clustering has at most {widest} usable concepts in one domain "
-            f"(with >= k_shot + q_query = {need} samples and distinct names; {where}); lower episodes.n_way, "
-            "episodes.k_shot or episodes.q_query, or cluster into more concepts")
-    ready = sum(len(v) >= ep.n_way for v in names.values())
-    if ep.p_cross_domain > 0 and ready < 2:
-        raise ConfigError(
-            f"episodes.p_cross_domain={ep.p_cross_domain} needs 2 domains with n_way={ep.n_way} usable concepts but "
-            f"the clustering has {ready} ({where}); set episodes.p_cross_domain=0 or lower episodes.n_way")
+    # a task's class names must differ, so concepts of one domain sharing a name count once
+    check_task_widths({d: len(v) for d, v in names.items()}, ep, f"each name counted once per domain; {where}")
 
 
 def _count_assignments(assign: Path, stems: list[str]) -> Counter:
