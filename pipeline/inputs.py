@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 from pipeline.config import ConfigError
+from pipeline.data.shards import expand_sources
 
 
 def require_file(path: str | Path, key: str, hint: str = "") -> Path:
@@ -42,8 +43,6 @@ def check_shard_urls(urls: str, key: str) -> list[str]:
     Existence is read from one listing per folder, not one ``stat`` per shard, so every rank of a large
     job can afford it on a parallel file system.
     """
-    from pipeline.data.shards import expand_sources  # lazy: pipeline.data imports this module
-
     try:
         sources = expand_sources(urls)
     except ValueError as e:
