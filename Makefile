@@ -26,7 +26,7 @@ test-all: $(STAMP)
 
 # The end-to-end demo: demo backbone -> stage 1 (pipeline/pretrain.py) -> stage 2, 4 methods x 3 seeds -> table.
 demo: $(STAMP)
-	$(PY) -m pipeline.demo_e2e
+	$(PY) -m pipeline.digits_demo
 
 # Stage 1 of the demo alone, through accelerate.
 demo-pretrain: $(STAMP)

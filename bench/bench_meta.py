@@ -1,4 +1,4 @@
-"""Meta overhead: one ProMetaR iteration vs one plain IVLP prompt-tuning iteration (DESIGN section 8).
+"""Meta overhead: one ProMetaR iteration vs one plain IVLP prompt-tuning iteration (docs/ARCHITECTURE.md section 8).
 
 All variants run side by side in one process on the same batch and backbone (the in-repo ``tiny-vit``
 by default: 12 layers per tower, IVLP 4+4 tokens at depth 9), interleaved so machine load affects them
@@ -40,8 +40,8 @@ from pipeline.config import BackboneConfig, PromptConfig  # noqa: E402
 from pipeline.meta.config import LossConfig, MetaConfig, RegulatorConfig  # noqa: E402
 from pipeline.meta.objective import Batch, Objective  # noqa: E402
 from pipeline.meta.prometar import prometar_iteration  # noqa: E402
+from pipeline.meta.regulator import Regulator  # noqa: E402
 from pipeline.prompts import PromptedCLIP  # noqa: E402
-from pipeline.regulator import Regulator  # noqa: E402
 
 VARIANTS = {
     "plain": None,

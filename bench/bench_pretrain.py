@@ -1,4 +1,4 @@
-"""Stage-1 pretraining as users run it: data wait, throughput, and 1 vs 2 processes (DESIGN section 8).
+"""Stage-1 pretraining as users run it: data wait, throughput, and 1 vs 2 processes (docs/ARCHITECTURE.md section 8).
 
 Every run is a real ``pipeline/pretrain.py`` run on the bundled digits demo (real images, the demo
 backbone trained by open_clip_train, tasks from the clustering; built on first use, ~90 s), started
@@ -40,7 +40,7 @@ LAUNCH = ROOT / "launch" / "accelerate"
 
 def demo_inputs() -> str:
     """Shard URLs of the demo (builds data, backbone, features and clusters when missing)."""
-    from pipeline.demo import build_pretrain_inputs
+    from pipeline.digits_demo.inputs import build_pretrain_inputs
 
     return build_pretrain_inputs()["urls"]
 

@@ -31,9 +31,9 @@ from PIL import Image
 from pipeline.backbone import load_backbone
 from pipeline.config import BackboneConfig
 from pipeline.data.config import ShardDataConfig
-from pipeline.data.demo import patch_open_clip_train_wds
 from pipeline.data.shard_writer import Pair, write_shards
 from pipeline.data.shards import build_shard_loader
+from pipeline.digits_demo.data import patch_open_clip_train_wds
 
 
 def make_shards(out: Path, n_shards: int, per_shard: int, size: int) -> str:

@@ -1,36 +1,36 @@
-"""Checkpoints, RNG state, the prompt artifact and SLURM preemption (DESIGN sections 4 and 9).
+"""Checkpoints, RNG state, the prompt artifact and SLURM preemption (docs/ARCHITECTURE.md sections 4 and 9).
 
 Everything written here loads with ``torch.load(..., weights_only=True)``: tensors and plain Python
 containers/scalars only, so a checkpoint or artifact from someone else cannot run code when loaded.
-Writes are atomic (temp file in the same folder, fsync, ``os.replace``, fsync of the folder), so a job
-killed at any moment leaves either the previous file or the new one, never a half-written file under a
-checkpoint name.
+Writes go through :func:`pipeline.fileio.atomic_write` (temp file in the same folder, fsync,
+``os.replace``, fsync of the folder), so a job killed at any moment leaves either the previous file or
+the new one, never a half-written file under a checkpoint name.
 
 Layout of a run folder::
 
     run_dir/checkpoints/step_00001000.pt   # newest keep_last are kept
-    run_dir/checkpoints/.step_00001200.pt.<pid>.tmp   # only while a write is in flight
+    run_dir/checkpoints/.step_00001200.pt.<pid>.<random>.tmp   # only while a write is in flight
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 import random
 import re
 import signal
 import subprocess
-import tempfile
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from pipeline.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -51,42 +51,6 @@ class CheckpointError(RuntimeError):
 
 class UnsafeCheckpointError(CheckpointError):
     """A file holds pickled objects beyond tensors and plain containers; it was not loaded."""
-
-
-# ----------------------------------------------------------------------------- atomic writes
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
-    """Write ``path`` through ``write(file)`` so that readers see the old file or the complete new one.
-
-    The temp file lives in the same folder (``os.replace`` is atomic only within one filesystem) and
-    starts with a dot and ends in ``.tmp`` so checkpoint listings never mistake it for a result.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())  # data on disk before the rename makes it visible
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)  # persist the rename itself (the directory entry)
-    return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some filesystems do not allow opening directories; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _torch_save(obj: Any, path: Path) -> Path:
@@ -260,7 +224,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- artifact
 @dataclass(frozen=True)
 class Artifact:
-    """The product of a training stage: prompts θ*, regulator φ* and metadata (DESIGN section 4)."""
+    """The product of a training stage: prompts θ*, regulator φ* and metadata (docs/ARCHITECTURE.md section 4)."""
 
     prompts: dict[str, Tensor]
     regulator_state: dict[str, Any]

@@ -12,8 +12,6 @@ Outputs under ``out_dir``: ``hierarchy.npz``, ``assign/<shard>.npz`` (keys, doma
 
 from __future__ import annotations
 
-import json
-import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +21,13 @@ import numpy as np
 from pipeline.config import ConfigError, load_config, parse_config_args
 from pipeline.data.clustering import Hierarchy, KMeansConfig, clean_caption, fit_hierarchy
 from pipeline.data.features import finished_stems, read_features
+from pipeline.fileio import atomic_write, atomic_write_json, atomic_write_text
 from pipeline.inputs import require_dir, require_file
 
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """Cross-modal hierarchical clustering (DESIGN section 4)."""
+    """Cross-modal hierarchical clustering (docs/ARCHITECTURE.md section 4)."""
 
     features_dir: str = "runs/features"
     """Folder of per-shard feature files written by ``pipeline extract``."""
@@ -120,12 +119,10 @@ def assign_shard(cfg: ClusterConfig, hierarchy: Hierarchy, stem: str) -> Path:
     """Assign one shard's samples; atomic write of ``assign/<stem>.npz``."""
     f = read_features(Path(cfg.features_dir) / f"{stem}.npz")
     domain, concept, sim = hierarchy.assign(f.image.astype(np.float32), f.text.astype(np.float32))
-    out = Path(cfg.out_dir) / "assign"
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{stem}.{os.getpid()}.tmp.npz"
-    np.savez(tmp, keys=f.keys, captions=f.captions, domain=domain, concept=concept, sim=sim)
-    tmp.replace(out / f"{stem}.npz")
-    return out / f"{stem}.npz"
+    out = Path(cfg.out_dir) / "assign" / f"{stem}.npz"
+    # np.savez on a file object writes exactly there (it appends ".npz" only to a path that lacks it).
+    return atomic_write(out, lambda fh: np.savez(fh, keys=f.keys, captions=f.captions, domain=domain,
+                                                 concept=concept, sim=sim))
 
 
 def summarize(cfg: ClusterConfig, hierarchy: Hierarchy) -> dict:
@@ -147,7 +144,7 @@ def summarize(cfg: ClusterConfig, hierarchy: Hierarchy) -> dict:
         for c in range(hierarchy.n_concepts)
     ]
     out = Path(cfg.out_dir)
-    (out / "concepts.json").write_text(json.dumps(concepts, indent=1))
+    atomic_write_json(out / "concepts.json", concepts, indent=1)
     _write_summary(out, concepts, hierarchy, len(files))
     return {"concepts": len(concepts), "samples": int(sum(sizes.values())), "shards": len(files)}
 
@@ -168,14 +165,14 @@ def _write_summary(out: Path, concepts: list[dict], hierarchy: Hierarchy, n_shar
     for c in sorted(concepts, key=lambda c: -c["size"]):
         ex = " / ".join(e.replace("|", " ")[:60] for e in c["examples"])
         lines.append(f"| {c['id']} | {c['domain']} | {c['size']} | {c['name'].replace('|', ' ')} | {ex} |")
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "summary.md", "\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.hist(sizes, bins=min(50, max(5, len(sizes) // 4)))
     ax.set_xlabel("samples per concept")
     ax.set_ylabel("concepts")
     ax.set_title("Concept size distribution")
     fig.tight_layout()
-    fig.savefig(out / "concept_sizes.png", dpi=100)
+    atomic_write(out / "concept_sizes.png", lambda fh: fig.savefig(fh, format="png", dpi=100))
     plt.close(fig)
 
 

@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import difflib
 import functools
-import importlib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,7 +63,7 @@ class BackboneConfig:
 
 @dataclass(frozen=True)
 class PromptConfig:
-    """Learnable prompts added to the frozen backbone (DESIGN section 3)."""
+    """Learnable prompts added to the frozen backbone (docs/ARCHITECTURE.md section 3)."""
 
     type: str = "ivlp"
     """``none`` (plain CLIP), ``coop`` (shallow text context), ``vpt`` (visual tokens), or
@@ -119,25 +118,6 @@ def validate_model(cfg: ModelConfig) -> None:
         raise ConfigError(f"prompts.depth_vision and prompts.n_ctx_vision must be >= 1 for {p.type}")
     if p.type in ("coop", "ivlp") and not p.init_words and p.n_ctx_text < 1:
         raise ConfigError("prompts.n_ctx_text must be >= 1 when prompts.init_words is empty")
-
-
-# Which schema each folder under configs/ holds ("module:Class", imported on use so that stage modules
-# can define their own configs without import cycles). Listed explicitly, never filled by side effects.
-SCHEMAS: dict[str, str] = {
-    "model": "pipeline.config:ModelConfig",
-    "cluster": "pipeline.cluster:ClusterConfig",
-    "extract": "pipeline.extract:ExtractConfig",
-    "pretrain": "pipeline.pretrain:PretrainConfig",
-    "finetune": "pipeline.finetune:FinetuneConfig",
-}
-
-
-def schema_for(folder: str) -> type:
-    """The config dataclass for YAMLs under ``configs/<folder>/``."""
-    if folder not in SCHEMAS:
-        raise ConfigError(f"configs/{folder}: no schema registered in pipeline.config.SCHEMAS")
-    module, name = SCHEMAS[folder].split(":")
-    return getattr(importlib.import_module(module), name)
 
 
 def _validate(obj: Any) -> None:

@@ -76,6 +76,16 @@ def launcher_world_size(environ: Mapping[str, str]) -> int | None:
     return None
 
 
+def launcher_rank(environ: Mapping[str, str] | None = None) -> int:
+    """This process's global rank as the launcher says (``RANK``, else SLURM's), before any process
+    group exists; 0 for a plain ``python`` run. For work that must happen once before training starts."""
+    env = os.environ if environ is None else environ
+    rank = env.get("RANK") or slurm_to_torch_env(env).get("RANK") or "0"
+    if not rank.strip().isdigit():
+        raise ConfigError(f"RANK={rank!r} from the launcher is not a non-negative integer")
+    return int(rank)
+
+
 def check_launcher(tasks_per_step: int, second_order: bool, environ: Mapping[str, str]) -> None:
     """The launcher's settings, read from the variables accelerate / torchrun / SLURM export, against
     stage 1's config, before a process group starts: ``tasks_per_step`` must split evenly over the ranks, and
@@ -106,7 +116,7 @@ def check_launcher(tasks_per_step: int, second_order: bool, environ: Mapping[str
 
 
 def zero3_error(source: str, second_order: bool) -> ConfigError:
-    """The refusal of DeepSpeed ZeRO-3 (DESIGN section 7), before launch and at run time alike."""
+    """The refusal of DeepSpeed ZeRO-3 (docs/ARCHITECTURE.md section 7), before launch and at run time alike."""
     return ConfigError(
         f"DeepSpeed ZeRO-3 ({source}) partitions parameters across ranks and cannot be combined with the "
         "meta-learner's functional inner loop" + (" (second-order meta-gradients: meta.first_order=false)"
@@ -192,7 +202,7 @@ class Distributed:
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def check_backend(self, second_order: bool) -> None:
-        """Fail fast on combinations that cannot work (DESIGN section 7)."""
+        """Fail fast on combinations that cannot work (docs/ARCHITECTURE.md section 7)."""
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         if plugin is None:
             if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and self.is_main:

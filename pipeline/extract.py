@@ -31,14 +31,14 @@ from pipeline.config import (
 )
 from pipeline.data.config import ShardDataConfig
 from pipeline.data.features import ShardFeatures, is_done, shard_stem, write_features
-from pipeline.data.shards import build_shard_loader, expand_sources
+from pipeline.data.shards import build_shard_loader
+from pipeline.data.sources import check_shard_urls, expand_sources, is_local
 from pipeline.distributed import Distributed, array_task_id
-from pipeline.inputs import check_shard_urls, is_local
 
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    """Frozen-feature extraction (DESIGN section 4, step 1)."""
+    """Frozen-feature extraction (docs/ARCHITECTURE.md section 4, step 1)."""
 
     urls: str = ""
     """Shards to embed (brace expansion; ``::`` separates sources). Feature files are named by shard

@@ -1,40 +1,43 @@
-"""The stage-2 training loop behind :mod:`pipeline.finetune` (kept apart so the entry point stays small)."""
+"""Stage 2 as a library: start-up checks, the skip-or-train decision of a run folder, the training loop."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import shutil
 import time
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import replace
 
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.backbone import load_backbone
+from pipeline.backbone import check_backbone, load_backbone
 from pipeline.checkpoint import (
     CHECKPOINT_DIR,
     artifact_metadata,
     check_compatible,
-    latest_checkpoint,
     load_artifact,
-    load_checkpoint,
-    rng_state,
     save_artifact,
-    save_checkpoint,
-    set_rng_state,
 )
-from pipeline.config import ConfigError
-from pipeline.data.fewshot import ImageListDataset, build_fewshot
-from pipeline.distributed import Distributed
-from pipeline.evaluate import PROMPTS_FILE, evaluate, write_results
+from pipeline.config import ConfigError, to_dict
+from pipeline.data.config import FewShotConfig
+from pipeline.data.fewshot import ImageListDataset, build_fewshot, classnames_of, subsample_classes
+from pipeline.distributed import Distributed, launcher_world_size
+from pipeline.evaluation import PROMPTS_FILE, RESULTS_FILE, check_dataset, evaluate, write_results
+from pipeline.finetune_config import FinetuneConfig, FinetuneOptimConfig
+from pipeline.inputs import require_file
 from pipeline.meta.objective import Batch, Objective
 from pipeline.meta.prometar import prometar_iteration
+from pipeline.meta.regulator import Regulator
 from pipeline.prompts import PromptedCLIP
-from pipeline.regulator import Regulator
 from pipeline.tracking import Tracker, progress
+from pipeline.train_state import TrainState
 
 
-def prompt_lr_lambda(optim):
+def prompt_lr_lambda(optim: FinetuneOptimConfig):
     """Multiplier of ``optim.lr`` at an epoch: constant ``warmup_lr`` for ``warmup_epochs``, then cosine
     over all epochs (stepped once per epoch)."""
 
@@ -46,7 +49,7 @@ def prompt_lr_lambda(optim):
     return f
 
 
-def regulator_lr_lambda(optim):
+def regulator_lr_lambda(optim: FinetuneOptimConfig):
     """Multiplier of ``regulator.lr`` at an epoch: linear warmup, then cosine (its own schedule)."""
 
     def f(epoch: int) -> float:
@@ -57,7 +60,7 @@ def regulator_lr_lambda(optim):
     return f
 
 
-def init_from_artifact(cfg, model_meta: dict, prompts: dict, regulator: Regulator) -> dict:
+def init_from_artifact(cfg: FinetuneConfig, model_meta: dict, prompts: dict, regulator: Regulator) -> dict:
     """Copy prompts (and the regulator when it has parameters) from ``cfg.artifact``; raises
     ``ValueError`` naming every mismatch of backbone, prompt type, prompt shapes or regulator."""
     art = load_artifact(cfg.artifact)
@@ -84,8 +87,62 @@ def init_from_artifact(cfg, model_meta: dict, prompts: dict, regulator: Regulato
             "regulator_from_artifact": loaded_regulator}
 
 
-def train(cfg, cfg_dict: dict) -> dict:
-    """Train one run, save its prompts, evaluate; returns the results dict written to results.json."""
+def preflight(cfg: FinetuneConfig, environ: Mapping[str, str] | None = None) -> None:
+    """Checks that need files or the launcher, run before a process, a backbone or a file of the run
+    exists (docs/ARCHITECTURE.md section 9); each raises :class:`ConfigError` naming the key and the path.
+
+    One process, the backbone's architecture and checkpoint, the artifact of ``init=artifact``, the
+    dataset's files and shots per class, and every evaluation target (so a missing target fails now,
+    not after training).
+    """
+    world = launcher_world_size(os.environ if environ is None else environ)
+    if world is not None and world > 1:
+        raise ConfigError(f"stage 2 runs in one process but the launcher starts {world} (WORLD_SIZE); "
+                          "launch one job per run")
+    check_backbone(cfg.model.backbone, cfg.model.prompts, key="model.backbone", prompts_key="model.prompts")
+    if cfg.init == "artifact":
+        require_file(cfg.artifact, "artifact", "init=artifact needs the artifact.pt written by pipeline.pretrain")
+    trains = cfg.method != "zeroshot" and cfg.optim.epochs > 0
+    splits = check_dataset(cfg.data, "data", need=("train", "test") if trains else ("test",))
+    if trains and cfg.data.k_shot > 0 and not cfg.allow_fewer_shots:
+        check_shots(cfg.data, splits)
+    for name in cfg.eval.targets:
+        check_dataset(replace(cfg.data, dataset=name, subsample="all", k_shot=0, split_file=""),
+                      f"eval.targets ({name})", need=("test",))
+
+
+def check_shots(data: FewShotConfig, splits) -> None:
+    """Every trained class (``data.subsample``) has at least ``data.k_shot`` training images."""
+    try:
+        sub, names = subsample_classes(splits, classnames_of(splits), data.subsample)
+    except ValueError as e:
+        raise ConfigError(f"data: dataset {data.dataset} under data.root={data.root} has bad labels: {e}") from None
+    counts = Counter(x.label for x in sub["train"])
+    short = sorted((counts.get(y, 0), name) for y, name in enumerate(names) if counts.get(y, 0) < data.k_shot)
+    if short:
+        have, name = short[0]
+        raise ConfigError(
+            f"data.k_shot={data.k_shot} but {len(short)} of the {len(names)} {data.subsample} classes of "
+            f"{data.dataset} have fewer training images (fewest: {name!r} with {have}); lower data.k_shot, or set "
+            "allow_fewer_shots=true to train those classes on all their images (CoOp's behaviour)")
+
+
+def run(cfg: FinetuneConfig) -> dict:
+    """Train (unless done) and evaluate one run; returns its results (read back when skipped)."""
+    results = cfg.run_dir / RESULTS_FILE
+    if results.exists() and not cfg.force:
+        print(f"finetune: {results} exists; skipping (force=true reruns)")
+        return {**json.loads(results.read_text()), "skipped": True}
+    preflight(cfg)
+    return train(cfg, to_dict(cfg))
+
+
+def train(cfg: FinetuneConfig, cfg_dict: dict | None = None) -> dict:
+    """Train one run, save its prompts, evaluate; returns the results dict written to results.json.
+
+    ``cfg_dict`` is the config as recorded in results, checkpoints and W&B (default ``to_dict(cfg)``).
+    """
+    cfg_dict = to_dict(cfg) if cfg_dict is None else cfg_dict
     dist = Distributed(cfg.mixed_precision, cpu=cfg.cpu)
     try:
         if dist.world_size > 1:
@@ -95,7 +152,7 @@ def train(cfg, cfg_dict: dict) -> dict:
         dist.shutdown()
 
 
-def _train(cfg, cfg_dict: dict, dist: Distributed) -> dict:
+def _train(cfg: FinetuneConfig, cfg_dict: dict, dist: Distributed) -> dict:
     run_dir, device = cfg.run_dir, dist.device
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -125,21 +182,10 @@ def _train(cfg, cfg_dict: dict, dist: Distributed) -> dict:
     iters_per_epoch = math.ceil(len(dataset) / cfg.optim.batch_size)
     total = iters_per_epoch * cfg.optim.epochs if train_prompts else 0
 
-    epoch, step, nonfinite, consecutive = 0, 0, 0, 0
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is not None and train_prompts:  # resume at the start of the epoch after the last saved one
-        state = load_checkpoint(ckpt, map_location="cpu")
-        with torch.no_grad():
-            for k, v in prompts.items():
-                v.copy_(state["prompts"][k])
-        regulator.load_state_dict(state["regulator"])
-        sgd.load_state_dict(state["sgd"])
-        sched.load_state_dict(state["sched"])
-        if adamw is not None:
-            adamw.load_state_dict(state["adamw"])
-            reg_sched.load_state_dict(state["reg_sched"])
-        set_rng_state(state["rng"])
-        epoch, step, nonfinite = int(state["epoch"]), int(state["step"]), int(state["nonfinite"])
+    state = TrainState(prompts, regulator, {"prompts": sgd, "regulator": adamw},
+                       {"prompts": sched, "regulator": reg_sched}, counters={"nonfinite_steps": 0})
+    ckpt = state.resume(run_dir) if train_prompts else None  # at the start of the epoch after the last saved
+    epoch, step, nonfinite, consecutive = state.epoch, state.step, state.counters["nonfinite_steps"], 0
     tracker = Tracker(run_dir, _tracking(cfg), cfg_dict, resume=ckpt is not None,
                       resume_step=step if ckpt is not None else None)
     t_start = time.perf_counter()
@@ -174,12 +220,8 @@ def _train(cfg, cfg_dict: dict, dist: Distributed) -> dict:
             sched.step()
             if reg_sched is not None:
                 reg_sched.step()
-            save_checkpoint(run_dir, step, {
-                "epoch": epoch, "step": step, "nonfinite": nonfinite,
-                "prompts": {k: v.detach() for k, v in prompts.items()}, "regulator": regulator.state_dict(),
-                "sgd": sgd.state_dict(), "sched": sched.state_dict(), "rng": rng_state(),
-                **({"adamw": adamw.state_dict(), "reg_sched": reg_sched.state_dict()} if adamw else {})},
-                keep_last=1)
+            state.step, state.epoch, state.counters["nonfinite_steps"] = step, epoch, nonfinite
+            state.save(run_dir, keep_last=1)
         bar.close()
         train_s = time.perf_counter() - t_start
         if prompts:
@@ -204,7 +246,7 @@ def _train(cfg, cfg_dict: dict, dist: Distributed) -> dict:
     return results
 
 
-def _tracking(cfg):
+def _tracking(cfg: FinetuneConfig):
     """The run's tracking settings with a W&B name identifying (dataset, method, seed) when none is set."""
     t = cfg.tracking
     return t if t.name else replace(t, name=f"{cfg.data.dataset}-{cfg.label}-seed{cfg.seed}")

@@ -7,170 +7,25 @@
 Each outer step takes ``tasks_per_step`` tasks (support/query episodes from the concept clustering),
 split over ranks by task slot; every rank computes its tasks' meta-gradients w.r.t. the initial prompts
 and the regulator, the gradients are averaged over tasks and ranks with one flat all-reduce, and every
-rank takes the same AdamW step (DESIGN section 7). Checkpoints are atomic and resumable; SIGTERM or
+rank takes the same AdamW step (docs/ARCHITECTURE.md section 7). Checkpoints are atomic and resumable; SIGTERM or
 SIGUSR1 saves one and exits 0 for a SLURM requeue. The result is an artifact (prompts + regulator +
 metadata) that stage 2 starts from.
 """
 
 from __future__ import annotations
 
-import math
-import os
 import sys
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 if __package__ in (None, ""):  # `accelerate launch pipeline/pretrain.py` runs this file as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-from pipeline.config import (
-    ConfigError,
-    ModelConfig,
-    load_config,
-    parse_config_args,
-    to_dict,
-)
-from pipeline.data.episodes import EpisodeConfig
-from pipeline.data.task_stream import TaskDataConfig
-from pipeline.meta.config import LossConfig, MetaConfig, RegulatorConfig, validate_meta_learning
-from pipeline.tracking import TrackingConfig
+from pipeline import pretrain_loop
+from pipeline.config import load_config, parse_config_args, to_dict
+from pipeline.pretrain_config import CheckpointConfig, OptimConfig, PretrainConfig  # noqa: F401  (public API)
+from pipeline.pretrain_loop import lr_lambda, preflight  # noqa: F401  (public API)
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "demo.yaml"
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    """Outer optimisation (AdamW on prompts and regulator, linear warmup then cosine decay)."""
-
-    steps: int = 2000
-    """Outer steps."""
-    lr: float = 2e-3
-    """Peak learning rate of the prompts (the regulator has its own, ``regulator.lr``)."""
-    weight_decay: float = 0.0
-    """Decoupled weight decay of the prompts."""
-    warmup_steps: int = 100
-    """Linear warmup from 0 to the peak learning rates."""
-    min_lr_ratio: float = 0.0
-    """Cosine decay ends at this fraction of the peak learning rates."""
-    grad_clip: float = 1.0
-    """Clip the global norm of the averaged meta-gradient (prompts and regulator together); 0 = off."""
-
-
-@dataclass(frozen=True)
-class CheckpointConfig:
-    """Checkpointing and resume."""
-
-    every: int = 200
-    """Save every this many outer steps (and at the end, and on SIGTERM/SIGUSR1)."""
-    keep_last: int = 3
-    """Checkpoints kept on disk."""
-    resume: bool = True
-    """Continue from the newest loadable checkpoint in ``run_dir`` when there is one."""
-
-
-@dataclass(frozen=True)
-class PretrainConfig:
-    """Stage-1 meta-pretraining (DESIGN section 4)."""
-
-    run_dir: str = "runs/pretrain"
-    """Run folder: checkpoints, metrics.jsonl, W&B files and the artifact."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """Frozen backbone and prompt learner."""
-    data: TaskDataConfig = field(default_factory=TaskDataConfig)
-    """Shards and their clustering."""
-    episodes: EpisodeConfig = field(default_factory=EpisodeConfig)
-    """N-way K-shot task sampling."""
-    regulator: RegulatorConfig = field(default_factory=RegulatorConfig)
-    """Gradient regulator (identical in stage 2)."""
-    loss: LossConfig = field(default_factory=LossConfig)
-    """Loss weights and mixup."""
-    meta: MetaConfig = field(default_factory=MetaConfig)
-    """Inner/outer step settings."""
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    """Outer optimiser and schedule."""
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    """Checkpoints and resume."""
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    """W&B and the local metrics file."""
-    tasks_per_step: int = 4
-    """Tasks per outer step over all ranks (must be divisible by the number of ranks)."""
-    frozen_templates: tuple[str, ...] = ("{}",)
-    """Templates of the frozen text features g_0 of concept names (``{}`` = the name itself, a caption)."""
-    mixed_precision: str = "no"
-    """``no`` or ``bf16`` (autocast on GPU; regulator and optimizer state stay fp32)."""
-    cpu: bool = False
-    """Run on the CPU even when a GPU is visible."""
-    threads: int = 0
-    """CPU intra-op threads per process (``torch.set_num_threads``); 0 = torch's default (``OMP_NUM_THREADS``,
-    else every core). More threads than free cores is catastrophic with these small operators: give each
-    process its share of the cores."""
-    max_nonfinite: int = 10
-    """Abort after this many consecutive steps with a non-finite loss or meta-gradient (each is skipped)."""
-    collective_timeout_s: float = 600.0
-    """A collective waiting longer than this (a rank died) ends the job with an error instead of a hang."""
-    seed: int = 0
-    """Seed of the task streams and mixup."""
-    artifact: str = ""
-    """Where to write the artifact; empty = ``<run_dir>/artifact.pt``."""
-
-    def validate(self) -> None:
-        validate_meta_learning(self.regulator, self.loss, self.meta)
-        if self.tasks_per_step < 1:
-            raise ConfigError(f"tasks_per_step={self.tasks_per_step} must be >= 1")
-        if self.mixed_precision not in ("no", "bf16"):
-            raise ConfigError(f"mixed_precision={self.mixed_precision!r}: expected 'no' or 'bf16' (fp16 would "
-                              "need loss scaling around autograd.grad)")
-        if self.model.prompts.type == "none":
-            raise ConfigError("model.prompts.type=none has nothing to meta-learn")
-        for key in ("steps", "warmup_steps"):
-            if getattr(self.optim, key) < 0:
-                raise ConfigError(f"optim.{key} must be >= 0")
-        if self.checkpoint.every < 1 or self.checkpoint.keep_last < 1:
-            raise ConfigError("checkpoint.every and checkpoint.keep_last must be >= 1")
-        if self.threads < 0:
-            raise ConfigError(f"threads={self.threads} must be >= 0 (0 = torch's default)")
-        if self.max_nonfinite < 1:
-            raise ConfigError(f"max_nonfinite={self.max_nonfinite} must be >= 1")
-        for t in self.frozen_templates:  # a template without {} gives every concept the same text
-            if "{}" not in t:
-                raise ConfigError(f"frozen_templates: {t!r} has no {{}} for the concept name")
-
-
-def lr_lambda(cfg: OptimConfig):
-    """Multiplier of the peak learning rate at a step: linear warmup, then cosine to ``min_lr_ratio``."""
-
-    def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        span = max(1, cfg.steps - cfg.warmup_steps)
-        progress = min(1.0, (step - cfg.warmup_steps) / span)
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
-
-
-def preflight(cfg: PretrainConfig, environ: Mapping[str, str] | None = None) -> None:
-    """Checks that need files or the launcher, run before a process group, a backbone or a file in
-    ``run_dir`` exists (DESIGN section 9); each raises :class:`ConfigError` naming the key and the path.
-
-    The launcher's world size and DeepSpeed stage against the config, the backbone's architecture and
-    checkpoint, the shards, the clustering against ``episodes`` (a task that can never be formed would
-    otherwise wait forever in the episode sampler), and ``run_dir`` against ``checkpoint.resume``.
-    """
-    from pipeline.backbone import check_backbone
-    from pipeline.checkpoint import list_checkpoints
-    from pipeline.data.task_checks import check_task_data
-    from pipeline.distributed import check_launcher
-
-    check_launcher(cfg.tasks_per_step, cfg.meta.meta_step and not cfg.meta.first_order,
-                   os.environ if environ is None else environ)
-    check_backbone(cfg.model.backbone, cfg.model.prompts, key="model.backbone", prompts_key="model.prompts")
-    check_task_data(cfg.data, cfg.episodes)
-    if not cfg.checkpoint.resume and list_checkpoints(cfg.run_dir):
-        raise ConfigError(f"checkpoint.resume=false but run_dir={cfg.run_dir} already holds checkpoints of another "
-                          "run; use a new run_dir (a fresh run would overwrite them)")
 
 
 def parse(argv: list[str]) -> PretrainConfig:
@@ -180,15 +35,15 @@ def parse(argv: list[str]) -> PretrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv:
-        from pipeline.demo import prepare_pretrain_demo
+    if not argv:  # our users' first command: say what runs and how to run something else
+        from pipeline.digits_demo.inputs import prepare_pretrain_demo
 
+        print(f"pretrain: no arguments given, so running the bundled digits demo with --config {DEMO_CONFIG} "
+              "(pass --config <yaml> [key=value ...] to run your own; see configs/pretrain/)", flush=True)
         argv = prepare_pretrain_demo(DEMO_CONFIG)
     cfg = parse(argv)
     preflight(cfg)
-    from pipeline.pretrain_loop import train
-
-    result = train(cfg, to_dict(cfg))
+    result = pretrain_loop.train(cfg, to_dict(cfg))
     if result["status"] == "done":
         print(f"pretrain: {result['step']} steps, {result['nonfinite_steps']} skipped (non-finite); artifact "
               f"{cfg.artifact or Path(cfg.run_dir) / 'artifact.pt'}; metrics {Path(cfg.run_dir) / 'metrics.jsonl'}")

@@ -1,36 +1,61 @@
-"""The stage-1 training loop behind :mod:`pipeline.pretrain` (kept apart so the entry point stays small)."""
+"""Stage 1 as a library: start-up checks, the learning-rate schedule and the distributed training loop."""
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from pipeline.backbone import load_backbone
-from pipeline.checkpoint import (
-    PreemptionHandler,
-    artifact_metadata,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    rng_state,
-    save_artifact,
-    save_checkpoint,
-    set_rng_state,
-)
-from pipeline.config import ConfigError
+from pipeline.backbone import check_backbone, load_backbone
+from pipeline.checkpoint import PreemptionHandler, artifact_metadata, list_checkpoints, save_artifact
+from pipeline.config import ConfigError, to_dict
 from pipeline.data.episodes import Episode
+from pipeline.data.task_checks import check_task_data
 from pipeline.data.task_stream import COUNTERS, slot_loader
-from pipeline.distributed import Distributed
+from pipeline.distributed import Distributed, check_launcher
 from pipeline.meta.objective import Batch, Objective
 from pipeline.meta.prometar import all_finite
+from pipeline.meta.regulator import Regulator
 from pipeline.meta.step import meta_step
+from pipeline.pretrain_config import OptimConfig, PretrainConfig
 from pipeline.prompts import PromptedCLIP
-from pipeline.regulator import Regulator
 from pipeline.tracking import Tracker, progress
+from pipeline.train_state import TrainState
+
+
+def lr_lambda(cfg: OptimConfig):
+    """Multiplier of the peak learning rate at a step: linear warmup, then cosine to ``min_lr_ratio``."""
+
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        span = max(1, cfg.steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def preflight(cfg: PretrainConfig, environ: Mapping[str, str] | None = None) -> None:
+    """Checks that need files or the launcher, run before a process group, a backbone or a file in
+    ``run_dir`` exists (docs/ARCHITECTURE.md section 9); each raises :class:`ConfigError` naming the key and the path.
+
+    The launcher's world size and DeepSpeed stage against the config, the backbone's architecture and
+    checkpoint, the shards, the clustering against ``episodes`` (a task that can never be formed would
+    otherwise wait forever in the episode sampler), and ``run_dir`` against ``checkpoint.resume``.
+    """
+    check_launcher(cfg.tasks_per_step, cfg.meta.meta_step and not cfg.meta.first_order,
+                   os.environ if environ is None else environ)
+    check_backbone(cfg.model.backbone, cfg.model.prompts, key="model.backbone", prompts_key="model.prompts")
+    check_task_data(cfg.data, cfg.episodes)
+    if not cfg.checkpoint.resume and list_checkpoints(cfg.run_dir):
+        raise ConfigError(f"checkpoint.resume=false but run_dir={cfg.run_dir} already holds checkpoints of another "
+                          "run; use a new run_dir (a fresh run would overwrite them)")
 
 
 def episode_batches(ep: Episode, device: torch.device) -> tuple[Batch, Batch]:
@@ -47,7 +72,7 @@ def episode_batches(ep: Episode, device: torch.device) -> tuple[Batch, Batch]:
 class Streams:
     """This rank's task slots for the current data epoch; rebuilt (reseeded) at each epoch boundary."""
 
-    def __init__(self, cfg, preprocess, rank: int, world_size: int):
+    def __init__(self, cfg: PretrainConfig, preprocess, rank: int, world_size: int):
         self.cfg, self.preprocess = cfg, preprocess
         self.slots = list(range(rank, cfg.tasks_per_step, world_size))
         self.epoch = None
@@ -83,8 +108,12 @@ class Streams:
         return {k: int(total.get(k, 0)) for k in COUNTERS}
 
 
-def train(cfg, cfg_dict: dict) -> dict:
-    """Run stage 1 to ``optim.steps`` (or until preempted); returns a summary dict with ``status``."""
+def train(cfg: PretrainConfig, cfg_dict: dict | None = None) -> dict:
+    """Run stage 1 to ``optim.steps`` (or until preempted); returns a summary dict with ``status``.
+
+    ``cfg_dict`` is the config as recorded in checkpoints, the artifact and W&B (default ``to_dict(cfg)``).
+    """
+    cfg_dict = to_dict(cfg) if cfg_dict is None else cfg_dict
     dist = Distributed(cfg.mixed_precision, cpu=cfg.cpu, timeout_s=cfg.collective_timeout_s)
     try:
         return _train(cfg, cfg_dict, dist)
@@ -92,7 +121,7 @@ def train(cfg, cfg_dict: dict) -> dict:
         dist.shutdown()
 
 
-def _train(cfg, cfg_dict: dict, dist: Distributed) -> dict:
+def _train(cfg: PretrainConfig, cfg_dict: dict, dist: Distributed) -> dict:
     dist.check_backend(second_order=cfg.meta.meta_step and not cfg.meta.first_order)
     if cfg.tasks_per_step % dist.world_size:
         raise ConfigError(f"tasks_per_step={cfg.tasks_per_step} is not divisible by the {dist.world_size} ranks")
@@ -112,42 +141,28 @@ def _train(cfg, cfg_dict: dict, dist: Distributed) -> dict:
     if reg_params:
         groups.append({"params": reg_params, "lr": cfg.regulator.lr, "weight_decay": cfg.regulator.weight_decay})
     optimizer = torch.optim.AdamW(groups)
-    from pipeline.pretrain import lr_lambda
-
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim))
     objective = Objective(model, cfg.loss, templates=cfg.frozen_templates)
     streams = Streams(cfg, backbone.preprocess_train, dist.rank, dist.world_size)
 
-    step, nonfinite_total, consecutive = 0, 0, 0
     if not cfg.checkpoint.resume and list_checkpoints(run_dir):
         raise ConfigError(f"checkpoint.resume=false but {run_dir} already holds checkpoints of another run; "
                           "use a new run_dir (a fresh run would overwrite them)")
-    ckpt = latest_checkpoint(run_dir) if cfg.checkpoint.resume else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, map_location="cpu")  # copied onto the right device below
-        with torch.no_grad():
-            for k, v in prompts.items():
-                v.copy_(state["prompts"][k])
-        regulator.load_state_dict(state["regulator"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        step, nonfinite_total = int(state["step"]), int(state["nonfinite_total"])
-        streams.finished.update(state.get("data_counters", {}))
+    state = TrainState(prompts, regulator, {"meta": optimizer}, {"meta": scheduler},
+                       counters={"nonfinite_steps": 0}, data={"counters": {}})
+    ckpt = state.resume(run_dir) if cfg.checkpoint.resume else None
+    streams.finished.update(state.data.get("counters", {}))
+    step, nonfinite_total, consecutive = state.step, state.counters["nonfinite_steps"], 0
     tracker = Tracker(run_dir, cfg.tracking, cfg_dict, is_main=dist.is_main, resume=ckpt is not None,
                       resume_step=step if ckpt is not None else None)
 
     def save() -> None:
         digest = dist.verify_identical(params)  # ranks must hold bit-identical state at every checkpoint
         if dist.is_main:
-            state = {
-                "step": step, "prompts": {k: v.detach() for k, v in prompts.items()},
-                "regulator": regulator.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": rng_state(), "nonfinite_total": nonfinite_total,
-                "data_counters": streams.counters(), "config": cfg_dict, "digest": digest,
-                "world_size": dist.world_size,
-            }
-            save_checkpoint(run_dir, step, state, cfg.checkpoint.keep_last)
+            state.step, state.counters["nonfinite_steps"] = step, nonfinite_total
+            state.data = {"counters": streams.counters()}
+            state.save(run_dir, cfg.checkpoint.keep_last, config=cfg_dict, digest=digest,
+                       world_size=dist.world_size)
         dist.barrier()
 
     status = "done"

@@ -5,7 +5,7 @@
 Reads every ``results.json`` under ``runs_root`` (datasets x methods x seeds, any layout). Per dataset
 and method: mean +- std over seeds of base and new accuracy, and HM = 2BN/(B+N) of the two means.
 Overall per method (datasets it has base and new results for): HM of the mean base and the mean new
-over datasets (DESIGN section 6). Other-dataset targets (domain generalization, cross-dataset) get
+over datasets (docs/ARCHITECTURE.md section 6). Other-dataset targets (domain generalization, cross-dataset) get
 their own table of means. Writes ``report.md``, ``report.csv``, ``report_accuracy.png`` and
 ``report_curves.png`` (training curves from each run's ``metrics.jsonl``).
 """
@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
 
-from pipeline.evaluate import RESULTS_FILE, harmonic_mean
+from pipeline.evaluation import RESULTS_FILE, harmonic_mean
+from pipeline.fileio import atomic_write, atomic_write_text
 
 
 def collect(root: str | Path) -> list[dict]:
@@ -103,15 +105,16 @@ def markdown(agg: dict) -> str:
 
 def write_csv(agg: dict, path: Path) -> None:
     keys = ["base", "base_std", "new", "new_std", "hm", "all", "all_std"]
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["dataset", "method", "seeds", *keys])
-        for (dataset, name), s in agg["per_dataset"].items():
-            w.writerow([dataset, name, " ".join(map(str, s["seeds"])),
-                        *[f"{s[k]:.4f}" if k in s else "" for k in keys]])
-        for name, o in agg["overall"].items():
-            w.writerow(["AVERAGE", name, "", f"{o['base']:.4f}", "", f"{o['new']:.4f}", "", f"{o['hm']:.4f}",
-                        "", ""])
+    buf = io.StringIO(newline="")  # csv writes its own \r\n line ends; no translation, as with newline=""
+    w = csv.writer(buf)
+    w.writerow(["dataset", "method", "seeds", *keys])
+    for (dataset, name), s in agg["per_dataset"].items():
+        w.writerow([dataset, name, " ".join(map(str, s["seeds"])),
+                    *[f"{s[k]:.4f}" if k in s else "" for k in keys]])
+    for name, o in agg["overall"].items():
+        w.writerow(["AVERAGE", name, "", f"{o['base']:.4f}", "", f"{o['new']:.4f}", "", f"{o['hm']:.4f}",
+                    "", ""])
+    atomic_write_text(path, buf.getvalue(), encoding="utf-8")
 
 
 def plot_accuracy(agg: dict, path: Path) -> None:
@@ -135,7 +138,7 @@ def plot_accuracy(agg: dict, path: Path) -> None:
         ax.set_ylabel("accuracy (%)")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
 
 
@@ -163,7 +166,7 @@ def plot_curves(rows: list[dict], path: Path, metric: str = "reg_step/task") -> 
     ax.set_ylabel(metric)
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
     return True
 
@@ -177,7 +180,7 @@ def report(root: str | Path, out: str | Path | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     agg = aggregate(rows)
     text = markdown(agg)
-    (out / "report.md").write_text(f"# Results under {root}\n\n{text}", encoding="utf-8")
+    atomic_write_text(out / "report.md", f"# Results under {root}\n\n{text}", encoding="utf-8")
     write_csv(agg, out / "report.csv")
     plot_accuracy(agg, out / "report_accuracy.png")
     curves = plot_curves(rows, out / "report_curves.png")

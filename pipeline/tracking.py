@@ -26,8 +26,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from pipeline.checkpoint import atomic_write, git_revision
+from pipeline.checkpoint import git_revision
 from pipeline.config import ConfigError
+from pipeline.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -7,14 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.cli import SCHEMAS, schema_for
 from pipeline.config import (
-    SCHEMAS,
     ConfigError,
     ModelConfig,
     dump_yaml,
     from_dict,
     load_config,
-    schema_for,
     to_dict,
 )
 
@@ -29,7 +28,7 @@ def test_there_are_configs():
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: str(p.relative_to(CONFIG_DIR)))
 def test_every_yaml_loads(path):
     folder = path.relative_to(CONFIG_DIR).parts[0]
-    assert folder in SCHEMAS, f"{path}: folder {folder!r} has no schema in pipeline.config.SCHEMAS"
+    assert folder in SCHEMAS, f"{path}: folder {folder!r} has no schema in pipeline.cli.SCHEMAS"
     schema = schema_for(folder)
     cfg = load_config(schema, path)
     # the resolved config survives a round trip through plain dicts (checkpoints, W&B)

@@ -13,10 +13,13 @@ from PIL import Image
 
 from pipeline.backbone import load_backbone
 from pipeline.config import BackboneConfig
-from pipeline.data.config import DemoConfig, FewShotConfig, ShardDataConfig
-from pipeline.data.demo import (
+from pipeline.data.config import FewShotConfig, ShardDataConfig
+from pipeline.data.fewshot import build_fewshot, read_split_file
+from pipeline.data.shards import build_shard_loader
+from pipeline.digits_demo.data import (
     CAPTIONS,
     CLASSNAMES,
+    DemoConfig,
     build_demo,
     build_fewshot_set,
     build_shards,
@@ -25,8 +28,6 @@ from pipeline.data.demo import (
     patch_open_clip_train_wds,
     train_backbone,
 )
-from pipeline.data.fewshot import build_fewshot, read_split_file
-from pipeline.data.shards import build_shard_loader
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,7 @@ def test_exported_open_clip_train_checkpoint_loads_as_backbone(tmp_path):
 
 
 def test_cached_backbone_is_reused_and_stale_cache_retrains(tmp_path, monkeypatch):
-    import pipeline.data.demo as demo_mod
+    import pipeline.digits_demo.data as demo_mod
 
     calls = []
     monkeypatch.setattr(demo_mod.subprocess, "run", lambda cmd, check: calls.append(cmd))

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from pipeline import cli
-from pipeline.config import load_config, schema_for
+from pipeline.cli import schema_for
+from pipeline.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -36,7 +37,7 @@ def test_make_targets_in_readme_exist():
     assert "make test" in ci and "make test" in README
 
 
-@pytest.mark.parametrize("module", ["pipeline.data.shard_writer", "pipeline.extract", "pipeline.cluster", "pipeline.finetune", "pipeline.evaluate", "pipeline.report", "pipeline.demo_e2e",
+@pytest.mark.parametrize("module", ["pipeline.data.shard_writer", "pipeline.extract", "pipeline.cluster", "pipeline.finetune", "pipeline.evaluate", "pipeline.report", "pipeline.digits_demo",
                                    "pipeline.pretrain"])
 def test_documented_entry_points_answer_help(module):
     out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,

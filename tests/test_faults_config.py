@@ -1,6 +1,6 @@
 """Fault injection: bad configs and missing files fail before training, naming the key or the path.
 
-DESIGN section 9: unknown keys, wrong types and inconsistent values (n_way larger than the available
+docs/ARCHITECTURE.md section 9: unknown keys, wrong types and inconsistent values (n_way larger than the available
 concepts, tasks not divisible by the ranks, ZeRO-3 with a functional inner loop...) and missing files
 (checkpoints, shards, clusterings, artifacts, datasets) must stop a stage *before* anything runs. Each
 test calls an entry point's ``main`` and checks three things: the error type, that the message names

@@ -1,4 +1,4 @@
-"""Fault injection for bad data (DESIGN section 9): broken images, captions and shards, fed to the real readers.
+"""Fault injection for bad data (docs/ARCHITECTURE.md section 9): broken images, captions and shards, fed to the real readers.
 
 Every test plants known faults next to good samples and checks two things exactly: every good sample is
 delivered (the set of keys read equals the set of good keys written), and every bad one is counted under
@@ -30,7 +30,8 @@ from PIL import Image, ImageFile
 from pipeline.config import ConfigError
 from pipeline.data.config import ShardDataConfig
 from pipeline.data.episodes import EpisodeConfig
-from pipeline.data.shards import NoUsableData, build_shard_loader, iter_tar_samples
+from pipeline.data.shards import NoUsableData, build_shard_loader
+from pipeline.data.sources import iter_tar_samples
 from pipeline.data.task_stream import COUNTERS, SlotStream, TaskDataConfig, slot_loader
 from tests.helpers.bad_shards import (
     MAX_PIXELS,

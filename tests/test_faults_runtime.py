@@ -1,6 +1,6 @@
 """Runtime faults: NaNs injected into losses and gradients, a rank killed or hung in a 2-process run.
 
-What must hold (DESIGN section 9): a non-finite step is skipped on every rank and counted, the run
+What must hold (docs/ARCHITECTURE.md section 9): a non-finite step is skipped on every rank and counted, the run
 aborts with a clear message after ``max_nonfinite`` in a row; a dead or stuck rank ends the whole job
 with an error naming the failure (never a hang), and the last complete checkpoint stays loadable.
 """

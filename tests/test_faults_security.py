@@ -101,7 +101,7 @@ def test_pipe_urls_run_their_command_as_documented(tmp_path):
 
 
 def test_no_shell_or_eval_in_the_package():
-    """Static guard for DESIGN section 9: no ``shell=True``, ``eval``/``exec``, unsafe YAML or pickle loads."""
+    """Static guard for docs/ARCHITECTURE.md section 9: no ``shell=True``, ``eval``/``exec``, unsafe YAML or pickle loads."""
     import pathlib
     import re
 

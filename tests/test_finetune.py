@@ -10,7 +10,7 @@ import torch
 from pipeline import evaluate, finetune
 from pipeline.checkpoint import artifact_metadata, load_artifact, save_artifact
 from pipeline.config import ConfigError, to_dict
-from pipeline.regulator import Regulator
+from pipeline.meta.regulator import Regulator
 
 from .helpers.fewshot_data import finetune_overrides, make_coop_dataset
 

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pipeline.losses import (
+from pipeline.meta.losses import (
     MixupSample,
     accuracy,
     mix_features,
@@ -80,7 +80,7 @@ def test_accuracy():
 def test_mixup_helpers_follow_the_features_device():
     """Mixup samples are drawn on the CPU (seeded generators); the losses must move them to the features'
     device. The meta device stands in for a GPU here: mixing devices fails there exactly as on CUDA."""
-    from pipeline.losses import MixupSample, mix_features, mixup_cross_entropy
+    from pipeline.meta.losses import MixupSample, mix_features, mixup_cross_entropy
 
     lam = torch.rand(3, dtype=torch.float64)
     sample = MixupSample(lam=lam, partner=torch.tensor([0, 1, 0]))

@@ -8,13 +8,13 @@ import torch
 
 from pipeline.backbone import load_backbone
 from pipeline.config import BackboneConfig, PromptConfig
-from pipeline.losses import task_loss
 from pipeline.meta.config import LossConfig, MetaConfig, RegulatorConfig
 from pipeline.meta.inner import inner_loop, regulated_gradient
+from pipeline.meta.losses import task_loss
 from pipeline.meta.objective import Batch, Objective
+from pipeline.meta.regulator import Regulator
 from pipeline.meta.step import bilevel_loss, meta_step, union_label_space
 from pipeline.prompts import PromptedCLIP
-from pipeline.regulator import Regulator
 
 REL_TOL = 1e-4
 # The L1 regularizer makes r = dR/dtheta piecewise constant, so the outer loss jumps by ~inner_lr * |dr|

@@ -10,9 +10,9 @@ from pipeline.config import PromptConfig
 from pipeline.meta.config import LossConfig, MetaConfig, RegulatorConfig
 from pipeline.meta.objective import Batch, Objective
 from pipeline.meta.prometar import prometar_iteration
+from pipeline.meta.regulator import Regulator
 from pipeline.meta.step import meta_step
 from pipeline.prompts import PromptedCLIP
-from pipeline.regulator import Regulator
 
 CONCEPTS = ("red fox", "blue car", "green tree", "old house", "small boat", "yellow bird")
 # Toy problem thresholds (seeded, deterministic): the mean post-adaptation query loss over fixed

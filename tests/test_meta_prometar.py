@@ -10,8 +10,8 @@ from pipeline.meta.config import LossConfig, MetaConfig, RegulatorConfig
 from pipeline.meta.inner import regulated_gradient
 from pipeline.meta.objective import Batch, Objective
 from pipeline.meta.prometar import prometar_iteration, split_by_class
+from pipeline.meta.regulator import Regulator
 from pipeline.prompts import PromptedCLIP
-from pipeline.regulator import Regulator
 
 CLASSES = ("cat", "dog", "car", "tree", "boat")
 

@@ -17,7 +17,7 @@ from pipeline.meta.config import (
     validate_meta,
     validate_regulator,
 )
-from pipeline.regulator import Regulator, gamma_statistics
+from pipeline.meta.regulator import Regulator, gamma_statistics
 
 SHAPES = {"text": (3, 4, 16), "vision": (3, 4, 24)}
 LIMIT = 1_600_000

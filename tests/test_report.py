@@ -11,7 +11,7 @@ import pytest
 from pipeline import report
 from pipeline.evaluate import harmonic_mean
 
-# DESIGN section 6: 11-dataset averages (base, new, HM), ViT-B/16.
+# docs/ARCHITECTURE.md section 6: 11-dataset averages (base, new, HM), ViT-B/16.
 PUBLISHED = {
     "zero-shot CLIP": (69.34, 74.22, 71.70), "CoOp": (82.69, 63.22, 71.66), "CoCoOp": (80.47, 71.69, 75.83),
     "IVLP": (84.21, 71.79, 77.51), "MaPLe": (82.28, 75.14, 78.55), "PromptSRC": (84.26, 76.10, 79.97),

@@ -186,9 +186,8 @@ def test_dependency_chain_extract_cluster_pretrain_finetune_report(data, tmp_pat
 @pytest.mark.slow  # trains the demo backbone when it is not cached; .ci/run runs it after `make demo`
 def test_dependency_chain_on_the_demo_data(tmp_path, monkeypatch):
     """extract -> cluster -> pretrain -> finetune array -> report on the bundled digits (backbone cached)."""
-    from pipeline.data.config import DemoConfig
-    from pipeline.data.demo import build_demo
-    from pipeline.data.shards import expand_sources
+    from pipeline.data.sources import expand_sources
+    from pipeline.digits_demo.data import DemoConfig, build_demo
 
     monkeypatch.chdir(ROOT)  # the demo's paths (cache/demo, configs) are relative to the repository
     info = build_demo(DemoConfig())  # trains the demo backbone once (cached), as `make demo` does

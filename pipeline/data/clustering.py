@@ -21,6 +21,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from pipeline.fileio import atomic_write
+
 
 @dataclass(frozen=True)
 class KMeansConfig:
@@ -132,13 +134,10 @@ class Hierarchy:
 
     def save(self, path: str | Path) -> None:
         """Write ``hierarchy.npz`` (arrays) atomically; names go in as a JSON string."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(
-            tmp, domain_centroids=self.domain_centroids, concept_centroids=self.concept_centroids,
+        atomic_write(path, lambda f: np.savez(
+            f, domain_centroids=self.domain_centroids, concept_centroids=self.concept_centroids,
             concept_domain=self.concept_domain, names=np.array(json.dumps(self.names)),
-        )
-        tmp.replace(path)
+        ))
 
     @classmethod
     def load(cls, path: str | Path) -> Hierarchy:

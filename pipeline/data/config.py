@@ -14,7 +14,7 @@ from pipeline.config import ConfigError
 
 @dataclass(frozen=True)
 class ShardDataConfig:
-    """A stream of image-text pairs read from webdataset shards (DESIGN section 2)."""
+    """A stream of image-text pairs read from webdataset shards (docs/ARCHITECTURE.md section 2)."""
 
     urls: str = ""
     """Shard URLs with brace expansion, e.g. ``/data/cc3m/{000000..000331}.tar``; anything
@@ -61,7 +61,7 @@ class ShardDataConfig:
 
 @dataclass(frozen=True)
 class FewShotConfig:
-    """A downstream few-shot classification dataset and its base/new subset (DESIGN section 6)."""
+    """A downstream few-shot classification dataset and its base/new subset (docs/ARCHITECTURE.md section 6)."""
 
     dataset: str = "OxfordPets"
     """Dataset name from :data:`pipeline.data.datasets_meta.DATASETS` (``ImageNet``, ``EuroSAT``...)
@@ -123,34 +123,3 @@ def validate_fewshot(cfg: FewShotConfig) -> None:
         raise ConfigError(f"fewshot.dataset={cfg.dataset!r}: expected 'folder' or one of {sorted(DATASETS)}")
     if cfg.subsample not in SUBSAMPLES:
         raise ConfigError(f"fewshot.subsample={cfg.subsample!r}: expected one of {SUBSAMPLES}")
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    """The bundled demo: scikit-learn's handwritten digits as shards, a few-shot set and a backbone."""
-
-    cache_dir: str = "cache/demo"
-    """Where shards, the few-shot dataset, the open_clip_train logs and ``backbone.pt`` are kept."""
-    arch: str = "tiny-vit-demo"
-    """Backbone architecture trained from scratch: an in-repo open_clip config; ``tiny-vit-demo`` has
-    9 layers per tower (enough for depth-9 deep prompts) at width 32 so it trains in minutes on CPU."""
-    epochs: int = 8
-    """open_clip_train epochs over the caption shards."""
-    batch_size: int = 64
-    """Contrastive batch size of the backbone training."""
-    lr: float = 2e-3
-    """Peak AdamW learning rate (cosine schedule)."""
-    warmup: int = 30
-    """Warmup steps (open_clip_train's default of 10000 is far longer than this whole run)."""
-    workers: int = 1
-    """open_clip_train data workers (one leaves the other core of a 2-core machine for compute)."""
-    captions_per_image: int = 3
-    """Differently worded captions written per training image (each a separate shard sample)."""
-    samples_per_shard: int = 500
-    """Samples per webdataset shard."""
-    test_per_class: int = 50
-    """Images per digit held out from everything as the test split (zero-shot accuracy)."""
-    val_per_class: int = 10
-    """Images per digit in the few-shot validation split (also never in the shards)."""
-    seed: int = 0
-    """Seed of the image split, caption wording and backbone training."""

@@ -81,7 +81,7 @@ DATASETS: dict[str, DatasetInfo] = {
     )
 }
 """Every dataset of the base-to-new, domain-generalization and cross-dataset protocols, plus the
-bundled ``Digits`` demo set (:mod:`pipeline.data.demo`)."""
+bundled ``Digits`` demo set (:mod:`pipeline.digits_demo.data`)."""
 
 BASE_TO_NEW = ("ImageNet", "Caltech101", "OxfordPets", "StanfordCars", "OxfordFlowers", "Food101",
                "FGVCAircraft", "SUN397", "DescribableTextures", "EuroSAT", "UCF101")

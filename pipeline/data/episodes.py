@@ -1,4 +1,4 @@
-"""N-way K-shot support/query tasks ("episodes") over the concept clustering (DESIGN section 4).
+"""N-way K-shot support/query tasks ("episodes") over the concept clustering (docs/ARCHITECTURE.md section 4).
 
 Images come from the shard *stream*, not from random access: the sampler keeps a bounded buffer of
 recent images per concept and emits an episode as soon as one can be formed. Why buffers and not keyed

@@ -1,17 +1,18 @@
 """Per-shard feature files: ``<out>/<shard-stem>.npz`` + ``<shard-stem>.done`` marker.
 
 Each file holds, for one shard, the sample keys, captions, and L2-normalised frozen image (center crop)
-and caption embeddings in fp16. Files are written to a temporary name and renamed, and the done marker
-is written last, so a killed job never leaves a file that looks finished.
+and caption embeddings in fp16. Both files are written with :func:`pipeline.fileio.atomic_write` and the
+done marker is written last, so a killed job never leaves a file that looks finished.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.fileio import atomic_write, atomic_write_text
 
 
 @dataclass
@@ -49,20 +50,16 @@ def is_done(out_dir: str | Path, stem: str) -> bool:
 def write_features(out_dir: str | Path, stem: str, feats: ShardFeatures, meta: dict | None = None) -> Path:
     """Atomically write a shard's features, then its done marker (which records the sample count)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    final = feature_path(out_dir, stem)
-    tmp = out_dir / f".{stem}.{os.getpid()}.tmp.npz"
-    np.savez(
-        tmp,
+    final = atomic_write(feature_path(out_dir, stem), lambda f: np.savez(
+        f,
         keys=np.asarray(feats.keys, dtype=str),
         captions=np.asarray(feats.captions, dtype=str),
         image=np.asarray(feats.image, dtype=np.float16),
         text=np.asarray(feats.text, dtype=np.float16),
-    )
-    os.replace(tmp, final)
-    marker_tmp = out_dir / f".{stem}.{os.getpid()}.done.tmp"
-    marker_tmp.write_text(f"{len(feats)}\n" + "".join(f"{k}={v}\n" for k, v in (meta or {}).items()))
-    os.replace(marker_tmp, done_path(out_dir, stem))
+    ))
+    # The marker goes last: it is only there once the data file is completely in place.
+    atomic_write_text(done_path(out_dir, stem),
+                      f"{len(feats)}\n" + "".join(f"{k}={v}\n" for k, v in (meta or {}).items()))
     return final
 
 

@@ -1,4 +1,4 @@
-"""Downstream few-shot datasets under the base-to-new protocol (DESIGN section 6).
+"""Downstream few-shot datasets under the base-to-new protocol (docs/ARCHITECTURE.md section 6).
 
 Readers turn each on-disk format into ``{"train", "val", "test"}`` lists of :class:`Datum`:
 CoOp split files (``split_zhou_*.json``), FGVCAircraft's official text splits, the ImageNet family
@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 from pipeline.data.config import FewShotConfig, validate_fewshot
 from pipeline.data.datasets_meta import CALTECH_IGNORED, DatasetInfo, clean_classname, get_info
 from pipeline.data.shard_writer import IMAGE_EXTS
+from pipeline.fileio import atomic_write_json
 
 SPLITS = ("train", "val", "test")
 
@@ -79,9 +80,9 @@ def read_split_file(path: str | Path, image_root: str | Path, info: DatasetInfo 
 
 
 def write_split_file(path: str | Path, splits: Splits, image_root: str | Path) -> None:
-    """Write ``splits`` in the CoOp split-file format with paths relative to ``image_root``."""
+    """Atomically write ``splits`` in the CoOp split-file format with paths relative to ``image_root``."""
     data = {s: [[os.path.relpath(d.path, image_root), d.label, d.classname] for d in splits[s]] for s in SPLITS}
-    Path(path).write_text(json.dumps(data))
+    atomic_write_json(path, data, indent=None)
 
 
 def read_fgvc_aircraft(dataset_dir: str | Path) -> Splits:
@@ -231,10 +232,9 @@ def cached_shots(splits: Splits, image_root: str, k: int, seed: int, cache_file:
     indices = {"train": sample_shots(splits["train"], k, seed),
                "val": sample_shots(splits["val"], min(k, 4), seed)}
     if cache_file is not None:
-        Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(f"{cache_file}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"k_shot": k, "seed": seed, "fingerprint": fp, "indices": indices}))
-        os.replace(tmp, cache_file)  # atomic: concurrent runs never read half a file
+        # atomic: concurrent runs never read half a file
+        atomic_write_json(cache_file, {"k_shot": k, "seed": seed, "fingerprint": fp, "indices": indices},
+                          indent=None)
     return indices
 
 

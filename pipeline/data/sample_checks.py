@@ -16,8 +16,10 @@ SKIP_REASONS = ("bad_image", "oversized_image", "oversized_member", "missing_ima
                 "empty_caption", "bad_caption", "bad_shard")
 """Counters of skipped data (see the module docstring); ``bad_shard`` counts shards unreadable or
 truncated (rest skipped), the others count samples."""
-_OPEN = "__open__"  # raw-sample field: the number of the shard opening the sample came from
-_DROPPED = "__dropped__"  # raw-sample field: a member left unread for its size (max_member_bytes)
+OPEN_FIELD = "__open__"
+"""Raw-sample field set by the tar reader: the number of the shard opening the sample came from."""
+DROPPED_FIELD = "__dropped__"
+"""Raw-sample field set by the tar reader: a member left unread for its size (``max_member_bytes``)."""
 
 
 class NoUsableData(RuntimeError):
@@ -73,7 +75,7 @@ def check_sample(s: dict, image_keys: tuple[str, ...], text_key: str, stats: Cou
     Checks everything but the image bytes. Among several image members the first non-empty one in
     ``image_keys`` order wins, so a zero-byte ``.jpg`` next to a good ``.png`` does not lose the pair.
     """
-    if _DROPPED in s:  # a member too large to read: the sample is incomplete by design
+    if DROPPED_FIELD in s:  # a member too large to read: the sample is incomplete by design
         stats["oversized_member"] += 1
         return None
     present = [k for k in image_keys if k in s]
@@ -118,17 +120,17 @@ class StreamHealth:
         dry = self.stats["shards"] - self.stats["_last_raw_open"]
         if dry >= self.limit:
             raise NoUsableData(f"no usable samples in the last {dry} shards opened: none could be read or "
-                               f"held a sample; check data.urls={self.urls!r} (counts: {_public(self.stats)})")
+                               f"held a sample; check data.urls={self.urls!r} (counts: {public_counts(self.stats)})")
 
     def sample(self, s: dict, usable: bool) -> None:
         """Record one checked sample; raise once the skipped ones span more than ``limit`` openings."""
         if usable:
             self._bad_opens.clear()
             return
-        self._bad_opens.add(s.get(_OPEN, 0))
+        self._bad_opens.add(s.get(OPEN_FIELD, 0))
         if len(self._bad_opens) > self.limit:
             raise NoUsableData(f"no usable samples in the last {len(self._bad_opens)} shards opened: every "
-                               f"sample was skipped; check data.urls={self.urls!r} (counts: {_public(self.stats)})")
+                               f"sample was skipped; check data.urls={self.urls!r} (counts: {public_counts(self.stats)})")
 
 
 def health_limit(sources: list[list[str]]) -> int:
@@ -140,7 +142,8 @@ def health_limit(sources: list[list[str]]) -> int:
     return max(20, 3 * sum(len(s) for s in sources))
 
 
-def _public(stats: dict) -> dict[str, int]:
+def public_counts(stats: dict) -> dict[str, int]:
+    """``stats`` without the internal entries (names starting with ``_``) that streams keep beside the counters."""
     return {k: v for k, v in stats.items() if not k.startswith("_")}
 
 

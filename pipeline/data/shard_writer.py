@@ -5,8 +5,8 @@ format with ``image_format="keep"``), ``<key>.txt`` (caption) and ``<key>.json``
 path, size, and label/classname for labelled folders). ``sizes.json`` maps shard name -> sample count
 (the file open_clip's trainer reads to size an epoch) and ``index.json`` adds totals and the inputs
 skipped and why. Inputs are a CSV/JSONL list of ``path, caption`` or a labelled folder
-``<root>/<class>/<image>``. Shards are written to a temporary name and renamed, so a crash never
-leaves a half-written ``.tar`` that looks complete.
+``<root>/<class>/<image>``. Every file is written with :func:`pipeline.fileio.atomic_write` (temp file,
+then rename), so a crash never leaves a half-written ``.tar`` or index that looks complete.
 
 CLI::
 
@@ -19,16 +19,19 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import itertools
 import json
-import os
 import tarfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image
+
+from pipeline.fileio import atomic_write, atomic_write_json
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -101,15 +104,27 @@ def write_shards(
     out.mkdir(parents=True, exist_ok=True)
     shards: dict[str, int] = {}
     skipped: Counter[str] = Counter()
-    tar, tmp, name, n_in_shard, key = None, None, "", 0, first_key
     mtime = int(time.time())  # a fractional mtime costs every member a PAX header, which readers parse in Python
+    samples = _keyed_samples(pairs, image_format, skipped, first_key)
+    for first in samples:  # each shard streams up to samples_per_shard samples straight into its temp file
+        name = f"{len(shards):06d}.tar"
+        batch = itertools.chain([first], itertools.islice(samples, samples_per_shard - 1))
+        counted: list[int] = []
+        # atomic: readers never see a partial shard
+        atomic_write(out / name, lambda f, b=batch, c=counted: c.append(_write_tar(f, b, mtime)))
+        shards[name] = counted[0]
+    report = WriteReport(shards=shards, skipped=dict(skipped))
+    atomic_write_json(out / "sizes.json", shards, indent=1)
+    index = {"total": report.total, "shards": shards, "skipped": report.skipped,
+             "samples_per_shard": samples_per_shard}
+    atomic_write_json(out / "index.json", index, indent=1)
+    return report
 
-    def close() -> None:
-        if tar is not None:
-            tar.close()
-            os.replace(tmp, out / name)  # atomic: readers never see a partial shard
-            shards[name] = n_in_shard
 
+def _keyed_samples(pairs: Iterable[Pair], image_format: str, skipped: Counter[str],
+                   first_key: int) -> Iterator[tuple[str, bytes, str, dict]]:
+    """``(key, image bytes, extension, json meta)`` of every usable pair; the others counted in ``skipped``."""
+    key = first_key
     for pair in pairs:
         caption = (pair.caption or "").strip()
         if not caption:
@@ -123,27 +138,24 @@ def write_shards(
         except Exception:  # PIL raises several types for corrupt files; all mean "unusable image"
             skipped["bad_image"] += 1
             continue
-        if tar is None or n_in_shard >= samples_per_shard:
-            close()
-            name = f"{len(shards):06d}.tar"
-            tmp = out / f".{name}.tmp"
-            tar, n_in_shard = tarfile.open(tmp, "w"), 0
         k = f"{key:09d}"
         meta = {"key": k, "caption": caption, "width": size[0], "height": size[1], **pair.meta}
         if isinstance(pair.image, str):
             meta["source"] = pair.image
-        _add(tar, f"{k}.{ext}", data, mtime)
-        _add(tar, f"{k}.txt", caption.encode("utf-8"), mtime)
-        _add(tar, f"{k}.json", json.dumps(meta).encode("utf-8"), mtime)
-        n_in_shard += 1
+        yield k, data, ext, meta
         key += 1
-    close()
-    report = WriteReport(shards=shards, skipped=dict(skipped))
-    (out / "sizes.json").write_text(json.dumps(shards, indent=1))
-    index = {"total": report.total, "shards": shards, "skipped": report.skipped,
-             "samples_per_shard": samples_per_shard}
-    (out / "index.json").write_text(json.dumps(index, indent=1))
-    return report
+
+
+def _write_tar(f: BinaryIO, samples: Iterable[tuple[str, bytes, str, dict]], mtime: int) -> int:
+    """Write ``samples`` as one tar into the open file ``f``; returns how many were written."""
+    n = 0
+    with tarfile.open(fileobj=f, mode="w") as tar:
+        for k, data, ext, meta in samples:
+            _add(tar, f"{k}.{ext}", data, mtime)
+            _add(tar, f"{k}.txt", meta["caption"].encode("utf-8"), mtime)
+            _add(tar, f"{k}.json", json.dumps(meta).encode("utf-8"), mtime)
+            n += 1
+    return n
 
 
 def read_shard_index(shard_dir: str | Path) -> dict[str, int]:

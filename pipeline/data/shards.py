@@ -1,4 +1,4 @@
-"""Stream image-text pairs from webdataset shards into batches (DESIGN sections 2, 7, 9).
+"""Stream image-text pairs from webdataset shards into batches (docs/ARCHITECTURE.md sections 2, 7, 9).
 
 Two modes, chosen by :attr:`ShardDataConfig.resampled`:
 
@@ -10,6 +10,9 @@ Two modes, chosen by :attr:`ShardDataConfig.resampled`:
   (``shards[rank::world_size]``) and then by worker, so every readable sample is read exactly once
   over all ranks and workers. Balance needs ``#shards >= world_size * workers``; with fewer, some
   workers idle. Ranks may yield different batch counts here: each rank simply processes its shards.
+
+Shard order, tar reading and the shuffle buffer are :class:`pipeline.data.sources.ShardSource`'s (shared
+with the stage-1 task streams); this module checks and decodes the samples and batches them.
 
 Ranks are explicit arguments (a separate module maps launcher variables to ranks); the loader is a
 plain ``torch.utils.data.DataLoader`` that must *not* go through ``accelerator.prepare`` (it would
@@ -50,120 +53,25 @@ from __future__ import annotations
 
 import json
 import math
-import random
-import tarfile
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.config import ShardDataConfig, validate_shard_data
 from pipeline.data.sample_checks import (  # noqa: F401  (NoUsableData, SKIP_REASONS: part of this module's API)
-    _DROPPED,
-    _OPEN,
     SKIP_REASONS,
     NoUsableData,
     StreamHealth,
-    _public,
     check_sample,
     checked_image,
-    health_limit,
+    public_counts,
 )
+from pipeline.data.sources import ShardSource, StreamSeed
 
 _STATS, _WORKER, _FINAL = "__stats__", "__worker__", "__final__"
-
-
-def expand_sources(urls: str) -> list[list[str]]:
-    """Split ``urls`` on ``::`` into sources and brace-expand each (``a/{000..009}.tar``)."""
-    sources = [wds.shardlists.expand_urls(part) for part in urls.split("::") if part.strip()]
-    if not sources or not all(sources):
-        raise ValueError(f"no shards in urls={urls!r}")
-    return sources
-
-
-def source_weights(weights: str, n_sources: int) -> list[float]:
-    """Parse ``3::1`` style weights (empty = equal); the length must match the sources."""
-    if not weights:
-        return [1.0] * n_sources
-    values = [float(w) for w in weights.split("::")]
-    if len(values) != n_sources or any(v < 0 for v in values) or sum(values) <= 0:
-        raise ValueError(f"weights={weights!r} do not fit {n_sources} sources")
-    return values
-
-
-class _CountingReader:
-    """File wrapper counting bytes read, to tell a complete tar from one cut at a member boundary."""
-
-    def __init__(self, f):
-        self.f, self.n = f, 0
-
-    def read(self, size=-1):
-        data = self.f.read(size)
-        self.n += len(data)
-        return data
-
-    def close(self):
-        self.f.close()
-
-
-def _key_ext(name: str) -> tuple[str, str]:
-    # webdataset convention: the key is everything before the first dot of the file's base name
-    slash = name.rfind("/") + 1
-    dot = name.find(".", slash)
-    return (name, "") if dot < 0 else (name[:dot], name[dot + 1:].lower())
-
-
-def iter_tar_samples(urls: Iterator[str], stats: Counter, max_member_bytes: int = 0) -> Iterator[dict]:
-    """Group tar members by key into raw samples ``{"__key__", "__url__", ext: bytes}``.
-
-    A shard that fails to open, or breaks off (truncated), is warned about and counted as
-    ``bad_shard``; samples completed before the break are kept, the broken one is dropped. A member
-    over ``max_member_bytes`` (0 = no limit) is never read into memory (the stream skips its bytes);
-    its sample is marked so :func:`~pipeline.data.sample_checks.check_sample` skips and counts it.
-    """
-    for url in urls:
-        stats["shards"] += 1
-        try:
-            stream = _CountingReader(wds.gopen(url, "rb"))
-        except Exception as e:  # missing file, failed pipe/HTTP open: skip the whole shard
-            warnings.warn(f"skipping unreadable shard {url}: {type(e).__name__}: {e}", stacklevel=2)
-            stats["bad_shard"] += 1
-            continue
-        current, end_of_last = None, 0
-        try:
-            with tarfile.open(fileobj=stream, mode="r|*") as tar:
-                for info in tar:
-                    if not info.isreg():
-                        continue
-                    key, ext = _key_ext(info.name)
-                    if current is not None and key != current["__key__"]:
-                        yield current  # all members of the previous key have been read in full
-                        current = None
-                    if current is None:
-                        current = {"__key__": key, "__url__": url, _OPEN: stats["shards"]}
-                        stats["_last_raw_open"] = stats["shards"]
-                    if max_member_bytes and info.size > max_member_bytes:
-                        current[_DROPPED] = ext
-                    else:
-                        current[ext] = tar.extractfile(info).read()
-                    end_of_last = info.offset_data + info.size
-                compressed = getattr(tar.fileobj, "comptype", "tar") != "tar"
-            # an intact tar ends with zero blocks; a cut at a member boundary ends without error
-            if current is not None and not compressed and stream.n < end_of_last + tarfile.BLOCKSIZE:
-                raise tarfile.ReadError("archive ends without an end-of-archive marker (truncated)")
-            if current is not None:
-                yield current
-        except Exception as e:  # truncated or corrupt tar, broken pipe, bad gzip
-            warnings.warn(f"skipping rest of shard {url}: {type(e).__name__}: {e}", stacklevel=2)
-            stats["bad_shard"] += 1
-        finally:
-            try:
-                stream.close()
-            except Exception as e:  # a pipe: URL reports its command's failure on close
-                warnings.warn(f"error closing shard {url}: {e}", stacklevel=2)
 
 
 def decode_samples(samples: Iterator[dict], stats: Counter, image_keys: tuple[str, ...], text_key: str,
@@ -218,26 +126,11 @@ class ShardStream(IterableDataset):
             raise ValueError(f"rank={rank} must be in [0, {world_size})")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.preprocess, self.tokenizer = preprocess, tokenizer
-        self.sources = expand_sources(cfg.urls)
-        self.weights = source_weights(cfg.weights, len(self.sources))
+        self.source = ShardSource(cfg.urls, cfg.weights, cfg.image_keys, cfg.shuffle_buffer, cfg.shuffle_initial,
+                                  cfg.max_member_bytes)
         self.epoch = 0
         self.batches_per_rank = (math.ceil(cfg.epoch_samples / (cfg.batch_size * world_size))
                                  if cfg.resampled else None)
-
-    def _rng(self, worker: int, what: str) -> random.Random:
-        # str seeds hash deterministically, so every process derives the same stream for the same ids
-        return random.Random(f"{what}-{self.cfg.seed}-{self.epoch}-{self.rank}-{worker}")
-
-    def _shard_urls(self, worker: int, n_workers: int, health: StreamHealth | None) -> Iterator[str]:
-        if health is None:
-            flat = [u for src in self.sources for u in src]
-            yield from flat[self.rank::self.world_size][worker::n_workers]
-            return
-        rng = self._rng(worker, "shards")
-        while True:
-            health.check_open()
-            src = rng.choices(self.sources, weights=self.weights, k=1)[0]
-            yield rng.choice(src)
 
     def _n_batches(self, worker: int, n_workers: int) -> int | None:
         if self.batches_per_rank is None:
@@ -263,18 +156,15 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         stats: Counter = Counter()  # fresh per pass: this process's share of the counts
+        seed = StreamSeed(self.cfg.seed, self.epoch, self.rank, worker)
         # a single pass ends by itself (ShardLoader checks it delivered something); an endless one needs a guard
-        health = StreamHealth(health_limit(self.sources), self.cfg.urls, stats) if self.cfg.resampled else None
-        stages = [lambda: self._shard_urls(worker, n_workers, health),
-                  lambda src: iter_tar_samples(src, stats, self.cfg.max_member_bytes)]
-        if self.cfg.shuffle_buffer > 0:
-            stages.append(wds.shuffle(self.cfg.shuffle_buffer, self.cfg.shuffle_initial,
-                                      rng=self._rng(worker, "samples")))
-        keys = tuple(k.strip().lower() for k in self.cfg.image_keys.split(";") if k.strip())
-        stages.append(lambda src: decode_samples(src, stats, keys, self.cfg.text_key, self.preprocess,
-                                                 self.cfg.max_image_pixels, health))
-        pipeline = wds.DataPipeline(*stages)
-        for batch in self._batches(iter(pipeline), self._n_batches(worker, n_workers)):
+        health = self.source.health(stats) if self.cfg.resampled else None
+        urls = (self.source.resampled(seed, health) if health is not None
+                else self.source.split(self.rank, self.world_size, worker, n_workers))
+        raw = self.source.samples(urls, stats, seed)
+        samples = decode_samples(raw, stats, self.source.image_keys, self.cfg.text_key, self.preprocess,
+                                 self.cfg.max_image_pixels, health)
+        for batch in self._batches(samples, self._n_batches(worker, n_workers)):
             batch[_STATS], batch[_WORKER] = dict(stats), worker
             yield batch
         yield {_STATS: dict(stats), _WORKER: worker, _FINAL: True}
@@ -288,7 +178,7 @@ class ShardLoader:
                  preprocess: Callable | None = None, tokenizer: Callable | None = None):
         self.cfg = cfg
         self.dataset = ShardStream(cfg, rank, world_size, preprocess, tokenizer)
-        n_shards = sum(len(s) for s in self.dataset.sources)
+        n_shards = self.dataset.source.n_shards
         if not cfg.resampled and n_shards < world_size * max(1, cfg.workers):
             warnings.warn(f"{n_shards} shards for {world_size} ranks x {max(1, cfg.workers)} workers: "
                           "some workers get no shard (results stay exact, throughput drops)", stacklevel=2)
@@ -330,7 +220,7 @@ class ShardLoader:
         self._current = {}
         try:
             for item in loader:
-                self._current[item.pop(_WORKER)] = _public(item.pop(_STATS))
+                self._current[item.pop(_WORKER)] = public_counts(item.pop(_STATS))
                 if not item.pop(_FINAL, False):
                     yield item
             if not self.cfg.resampled and not self.cfg.allow_empty:

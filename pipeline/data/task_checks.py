@@ -17,8 +17,9 @@ import numpy as np
 from pipeline.config import ConfigError
 from pipeline.data.episodes import EpisodeConfig, check_task_widths
 from pipeline.data.features import shard_stem
+from pipeline.data.sources import check_shard_urls
 from pipeline.data.task_stream import TaskDataConfig
-from pipeline.inputs import check_shard_urls, require_dir, require_file
+from pipeline.inputs import require_dir, require_file
 
 
 def check_task_data(data: TaskDataConfig, ep: EpisodeConfig) -> None:

@@ -5,6 +5,8 @@ slot ``j``'s stream, and rank ``r`` of ``W`` owns slots ``r, r + W, ...``. Each 
 by ``(seed, data epoch, slot, worker)`` only, never by the rank, so the *global* set of tasks of a step
 is the same whatever the number of ranks: one rank with 4 tasks per step computes exactly what two
 ranks with 2 each compute (a tested property), and a resumed run rebuilds the same streams.
+The shards are drawn, read and shuffled by a :class:`~pipeline.data.sources.ShardSource`, the same
+source the image-text reader uses, with the slot in place of the rank in its seed.
 
 A data epoch is a fixed number of outer steps; streams are rebuilt (reseeded) at each epoch, so resuming
 replays at most one epoch's worth of tasks to reach the saved position.
@@ -28,7 +30,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import ConfigError
@@ -39,10 +40,9 @@ from pipeline.data.sample_checks import (
     StreamHealth,
     check_sample,
     checked_image,
-    health_limit,
     open_image,
 )
-from pipeline.data.shards import expand_sources, iter_tar_samples, source_weights
+from pipeline.data.sources import ShardSource, StreamSeed, expand_sources, source_weights
 
 COUNTERS = ("samples", "shards", *SKIP_REASONS, "unassigned")
 """Every counter a slot stream reports with its episodes (running totals of the emitting worker)."""
@@ -98,23 +98,20 @@ class SlotStream(IterableDataset):
                  epoch: int, slot: int):
         self.data, self.episodes, self.preprocess = data, episodes, preprocess
         self.seed, self.epoch, self.slot = seed, epoch, slot
-        self.sources = expand_sources(data.urls)
-        self.weights = source_weights(data.weights, len(self.sources))
+        self.source = ShardSource(data.urls, data.weights, data.image_keys, data.shuffle_buffer,
+                                  data.shuffle_initial, data.max_member_bytes)
         self.table = ConceptTable(data.clusters_dir, episodes.k_shot + episodes.q_query, episodes.assignment_cache)
         self.table.check(episodes)
 
-    def _rng(self, worker: int, what: str) -> random.Random:
-        return random.Random(f"{what}-{self.seed}-{self.epoch}-{self.slot}-{worker}")
+    def _watch(self, stats: Counter, sampler: EpisodeSampler) -> Callable[[], None]:
+        """The slot's own give-up rule, run before each shard opening: too many openings without a task."""
+        watchdog = task_watchdog(self.source.sources, self.data.shuffle_buffer)
 
-    def _urls(self, worker: int, stats: Counter, health: StreamHealth, sampler: EpisodeSampler) -> Iterator[str]:
-        rng = self._rng(worker, "shards")
-        watchdog = task_watchdog(self.sources, self.data.shuffle_buffer)
-        while True:
-            health.check_open()
+        def check() -> None:
             idle = stats["shards"] - stats["_open_at_task"]
             if idle >= watchdog:
                 raise NoUsableData(self._no_task_message(idle, stats, sampler))
-            yield rng.choice(rng.choices(self.sources, weights=self.weights, k=1)[0])
+        return check
 
     def _no_task_message(self, idle: int, stats: Counter, sampler: EpisodeSampler) -> str:
         counts = {k: v for k, v in self._counts(stats, sampler).items() if v}
@@ -127,9 +124,8 @@ class SlotStream(IterableDataset):
 
     def _raw(self, samples: Iterator[dict], stats: Counter, health: StreamHealth) -> Iterator[dict]:
         """Checked raw samples (bytes kept; pixels decoded only when a task uses them)."""
-        keys = tuple(k.strip().lower() for k in self.data.image_keys.split(";") if k.strip())
         for s in samples:
-            checked = check_sample(s, keys, self.data.text_key, stats)
+            checked = check_sample(s, self.source.image_keys, self.data.text_key, stats)
             # reading the header costs microseconds and keeps bytes that are no image (or a bomb) out of
             # the buffers; truncated pixel data still shows only when the image is decoded for a task
             if checked is not None and checked_image(s[checked[0]], self.data.max_image_pixels, stats,
@@ -161,19 +157,15 @@ class SlotStream(IterableDataset):
         info = get_worker_info()
         worker = info.id if info is not None else 0
         stats: Counter = Counter()
-        health = StreamHealth(health_limit(self.sources), self.data.urls, stats)
-        seed = int(self._rng(worker, "episodes").getrandbits(63))
-        views = self._rng(worker, "views")
-        sampler = EpisodeSampler(self.table, self.episodes, seed, decode=lambda raw: self._decode(raw, views))
-        stages = [lambda: self._urls(worker, stats, health, sampler),
-                  lambda src: iter_tar_samples(src, stats, self.data.max_member_bytes)]
-        if self.data.shuffle_buffer > 0:
-            stages.append(wds.shuffle(self.data.shuffle_buffer, self.data.shuffle_initial,
-                                      rng=self._rng(worker, "samples")))
-        stages.append(lambda src: self._raw(src, stats, health))
+        health = self.source.health(stats)
+        seed = StreamSeed(self.seed, self.epoch, self.slot, worker)  # never the rank: see the module docstring
+        views = seed.rng("views")
+        sampler = EpisodeSampler(self.table, self.episodes, int(seed.rng("episodes").getrandbits(63)),
+                                 decode=lambda raw: self._decode(raw, views))
+        raw = self.source.samples(self.source.resampled(seed, health, self._watch(stats, sampler)), stats, seed)
         with warnings.catch_warnings():
             warnings.simplefilter("default")
-            for episode in sampler(iter(wds.DataPipeline(*stages))):
+            for episode in sampler(self._raw(raw, stats, health)):
                 stats["_open_at_task"] = stats["shards"]
                 yield episode, {**self._counts(stats, sampler), "worker": worker}
 

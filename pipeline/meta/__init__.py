@@ -1,60 +1,14 @@
-"""Meta-learning core: pure inner loop, regulated gradients, stage-1 meta-step, stage-2 ProMetaR iteration.
+"""Meta-learning core, shared by both stages (docs/ARCHITECTURE.md sections 4 and 5).
 
-Configs are importable from here directly; the rest is loaded on first attribute access (the
-regulator module imports this package's config, so eager imports here would be circular).
+Modules, lowest first (each imports only the ones above it):
+
+- :mod:`pipeline.meta.config`: ``RegulatorConfig``, ``LossConfig``, ``MetaConfig`` and their checks;
+- :mod:`pipeline.meta.losses`: task loss, knowledge-preservation regularizer, manifold mixup;
+- :mod:`pipeline.meta.regulator`: the gradient regulator network;
+- :mod:`pipeline.meta.objective`: task loss + regularizer of a batch under given prompts;
+- :mod:`pipeline.meta.inner`: the regulated gradient and the pure functional inner loop;
+- :mod:`pipeline.meta.step`: the bi-level meta-step (stage 1);
+- :mod:`pipeline.meta.prometar`: one ProMetaR iteration (stage 2).
+
+Import from the submodules; this package re-exports nothing.
 """
-
-from __future__ import annotations
-
-import importlib
-
-from pipeline.meta.config import (
-    REGULATOR_KINDS,
-    LossConfig,
-    MetaConfig,
-    RegulatorConfig,
-    validate_loss,
-    validate_meta,
-    validate_meta_learning,
-    validate_regulator,
-)
-
-_LAZY = {
-    "Batch": "pipeline.meta.objective",
-    "LossTerms": "pipeline.meta.objective",
-    "Objective": "pipeline.meta.objective",
-    "InnerResult": "pipeline.meta.inner",
-    "RegulatedGradient": "pipeline.meta.inner",
-    "inner_loop": "pipeline.meta.inner",
-    "regulated_gradient": "pipeline.meta.inner",
-    "BilevelOutput": "pipeline.meta.step",
-    "MetaMetrics": "pipeline.meta.step",
-    "MetaStepResult": "pipeline.meta.step",
-    "bilevel_loss": "pipeline.meta.step",
-    "meta_step": "pipeline.meta.step",
-    "outer_gradients": "pipeline.meta.step",
-    "union_label_space": "pipeline.meta.step",
-    "ProMetaRResult": "pipeline.meta.prometar",
-    "RegularizedMetrics": "pipeline.meta.prometar",
-    "prometar_iteration": "pipeline.meta.prometar",
-    "split_by_class": "pipeline.meta.prometar",
-}
-
-__all__ = [
-    "REGULATOR_KINDS",
-    "LossConfig",
-    "MetaConfig",
-    "RegulatorConfig",
-    "validate_loss",
-    "validate_meta",
-    "validate_meta_learning",
-    "validate_regulator",
-    *_LAZY,
-]
-
-
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'pipeline.meta' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)

@@ -18,7 +18,7 @@ TASK_CLASSES = ("present", "all")
 
 @dataclass(frozen=True)
 class RegulatorConfig:
-    """The gradient regulator (DESIGN section 4); identical in stage 1 and stage 2."""
+    """The gradient regulator (docs/ARCHITECTURE.md section 4); identical in stage 1 and stage 2."""
 
     kind: str = "modulate"
     """``modulate`` (``G = g + gamma(g, r) * r``, ProMetaR form), ``transform`` (norm-preserving learned
@@ -46,7 +46,7 @@ class RegulatorConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Task loss, knowledge-preservation regularizer and mixup (DESIGN sections 4 and 5)."""
+    """Task loss, knowledge-preservation regularizer and mixup (docs/ARCHITECTURE.md sections 4 and 5)."""
 
     weight_text: float = 50.0
     """lambda_txt: weight of ``mean |g_theta(c) - g_0(c)|`` (normalised prompted vs frozen text features)."""

@@ -1,7 +1,7 @@
 """The inner loop: a pure function from a prompts dict to an adapted prompts dict.
 
 ``theta_{k+1} = theta_k - inner_lr * G(theta_k)`` where ``G`` is the regulated gradient of the task
-loss and the regularizer (:mod:`pipeline.regulator`). Nothing is mutated: no module is cloned, no
+loss and the regularizer (:mod:`pipeline.meta.regulator`). Nothing is mutated: no module is cloned, no
 optimizer is created, the input dict and tensors are left alone. With ``first_order=False`` the
 inner gradients are built with ``create_graph=True``, so a loss of the adapted prompts differentiates
 back to the initial prompts through the inner update (second order) and to the regulator parameters
@@ -26,9 +26,8 @@ import torch
 from torch import Tensor
 
 from pipeline.meta.objective import LossTerms
-from pipeline.regulator import Regulator, gamma_statistics
-
-Prompts = dict[str, Tensor]
+from pipeline.meta.regulator import Regulator, gamma_statistics
+from pipeline.prompts import Prompts
 
 
 @dataclass

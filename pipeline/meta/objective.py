@@ -15,8 +15,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from pipeline.losses import preservation_loss, task_loss
 from pipeline.meta.config import LossConfig, validate_loss
+from pipeline.meta.losses import preservation_loss, task_loss
 from pipeline.prompts import PromptedCLIP, Prompts
 from pipeline.zeroshot import DEFAULT_TEMPLATES, FrozenTextCache
 

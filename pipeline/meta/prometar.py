@@ -1,4 +1,4 @@
-"""Stage 2: one ProMetaR iteration on a few-shot batch (DESIGN section 5).
+"""Stage 2: one ProMetaR iteration on a few-shot batch (docs/ARCHITECTURE.md section 5).
 
 1. Regularized step: ``G = g + gamma_phi(g, r) * r`` on the whole batch, one optimizer step on the
    prompts (``prompt_optimizer``, SGD in the public recipe). ``gamma`` is evaluated, not trained, here.
@@ -29,10 +29,9 @@ from torch import Tensor
 from pipeline.meta.config import MetaConfig, validate_meta
 from pipeline.meta.inner import regulated_gradient
 from pipeline.meta.objective import Batch, Objective
-from pipeline.meta.step import MetaMetrics, _fill, _grad_norm, bilevel_loss, outer_gradients
-from pipeline.regulator import Regulator
-
-Prompts = dict[str, Tensor]
+from pipeline.meta.regulator import Regulator
+from pipeline.meta.step import MetaMetrics, bilevel_loss, fill_metrics, grad_norm, outer_gradients
+from pipeline.prompts import Prompts
 
 
 @dataclass
@@ -152,7 +151,7 @@ def prometar_iteration(
         reduce_grads(grads)
     regularized = RegularizedMetrics()
     labels = batch.labels
-    _fill(
+    fill_metrics(
         regularized,
         {
             "task": terms.task.detach(),
@@ -188,8 +187,8 @@ def prometar_iteration(
         if reduce_grads is not None:
             reduce_grads(p_grads + r_grads)
         values = dict(out.values)
-        values["meta_grad_norm_prompts"] = _grad_norm(p_grads)
-        values["meta_grad_norm_regulator"] = _grad_norm(r_grads)
+        values["meta_grad_norm_prompts"] = grad_norm(p_grads)
+        values["meta_grad_norm_regulator"] = grad_norm(r_grads)
         regulator_before = _snapshot(reg_params)
         if all_finite(p_grads + r_grads):
             for p, g in zip(params, p_grads):
@@ -205,7 +204,7 @@ def prometar_iteration(
             skipped.append("nonfinite_meta")
         values["regulator_update"] = _distance(regulator_before, reg_params)
         meta = MetaMetrics()
-        _fill(meta, values)
+        fill_metrics(meta, values)
 
     if meta is not None:
         meta.prompt_update = float(_distance(prompts_before, params))

@@ -3,7 +3,7 @@
 ``bilevel_loss``: inner adaptation on the support set (:func:`~pipeline.meta.inner.inner_loop`), then
 the outer loss of the adapted prompts on the query set, in the union label space of support and query,
 on manifold-mixup virtual samples (query image features mixed with support image features; see
-:mod:`pipeline.losses`). Support and query images go through the adapted image tower in one batched
+:mod:`pipeline.meta.losses`). Support and query images go through the adapted image tower in one batched
 forward, and the union class texts in one text forward.
 
 ``meta_step`` (stage 1, one task): the outer gradients w.r.t. the initial prompts and the regulator
@@ -19,13 +19,12 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from pipeline.losses import accuracy, mix_features, mixup_cross_entropy, sample_mixup, task_loss
 from pipeline.meta.config import MetaConfig, validate_meta
 from pipeline.meta.inner import inner_loop
+from pipeline.meta.losses import accuracy, mix_features, mixup_cross_entropy, sample_mixup, task_loss
 from pipeline.meta.objective import Batch, Objective
-from pipeline.regulator import Regulator
-
-Prompts = dict[str, Tensor]
+from pipeline.meta.regulator import Regulator
+from pipeline.prompts import Prompts
 
 
 @dataclass
@@ -73,7 +72,7 @@ class MetaMetrics:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def _fill(metrics: MetaMetrics, values: dict[str, Tensor | float]) -> None:
+def fill_metrics(metrics: MetaMetrics, values: dict[str, Tensor | float]) -> None:
     """Copy tensor metrics with a single device-to-host transfer."""
     names = [k for k in values if hasattr(metrics, k)]
     tensors = [torch.as_tensor(values[k], dtype=torch.float64).detach().reshape(()).cpu() for k in names]
@@ -196,14 +195,14 @@ def meta_step(
     out = bilevel_loss(objective, prompts, regulator, support, query, cfg, generator)
     prompt_grads, regulator_grads = outer_gradients(out.loss, prompts, regulator)
     values = dict(out.values)
-    values["meta_grad_norm_prompts"] = _grad_norm(prompt_grads.values())
-    values["meta_grad_norm_regulator"] = _grad_norm(regulator_grads.values())
+    values["meta_grad_norm_prompts"] = grad_norm(prompt_grads.values())
+    values["meta_grad_norm_regulator"] = grad_norm(regulator_grads.values())
     metrics = MetaMetrics()
-    _fill(metrics, values)
+    fill_metrics(metrics, values)
     return MetaStepResult(out.loss.detach(), prompt_grads, regulator_grads, metrics)
 
 
-def _grad_norm(tensors) -> Tensor:
+def grad_norm(tensors) -> Tensor:
     tensors = list(tensors)
     if not tensors:
         return torch.tensor(0.0)

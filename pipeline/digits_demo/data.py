@@ -11,7 +11,7 @@ Everything is built from those images, offline, under ``DemoConfig.cache_dir`` (
   (``python -m open_clip_train.main``, CPU), loadable with
   ``load_backbone(BackboneConfig(arch=cfg.arch, pretrained=".../backbone.pt"))``.
 
-``python -m pipeline.data.demo`` builds what is missing (the backbone is cached, keyed by the config)
+``python -m pipeline.digits_demo.data`` builds what is missing (the backbone is cached, keyed by the config)
 and prints the backbone's zero-shot accuracy on the held-out test digits.
 """
 
@@ -22,12 +22,12 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import random
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +36,40 @@ from PIL import Image
 
 from pipeline.backbone import load_backbone
 from pipeline.config import BackboneConfig
-from pipeline.data.config import DemoConfig
 from pipeline.data.fewshot import Datum, read_split_file, write_split_file
 from pipeline.data.shard_writer import Pair, write_shards
+from pipeline.fileio import atomic_write, atomic_write_json
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The bundled demo: scikit-learn's handwritten digits as shards, a few-shot set and a backbone."""
+
+    cache_dir: str = "cache/demo"
+    """Where shards, the few-shot dataset, the open_clip_train logs and ``backbone.pt`` are kept."""
+    arch: str = "tiny-vit-demo"
+    """Backbone architecture trained from scratch: an in-repo open_clip config; ``tiny-vit-demo`` has
+    9 layers per tower (enough for depth-9 deep prompts) at width 32 so it trains in minutes on CPU."""
+    epochs: int = 8
+    """open_clip_train epochs over the caption shards."""
+    batch_size: int = 64
+    """Contrastive batch size of the backbone training."""
+    lr: float = 2e-3
+    """Peak AdamW learning rate (cosine schedule)."""
+    warmup: int = 30
+    """Warmup steps (open_clip_train's default of 10000 is far longer than this whole run)."""
+    workers: int = 1
+    """open_clip_train data workers (one leaves the other core of a 2-core machine for compute)."""
+    captions_per_image: int = 3
+    """Differently worded captions written per training image (each a separate shard sample)."""
+    samples_per_shard: int = 500
+    """Samples per webdataset shard."""
+    test_per_class: int = 50
+    """Images per digit held out from everything as the test split (zero-shot accuracy)."""
+    val_per_class: int = 10
+    """Images per digit in the few-shot validation split (also never in the shards)."""
+    seed: int = 0
+    """Seed of the image split, caption wording and backbone training."""
 
 CLASSNAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # Varied wordings so the text tower learns the digit word, not one fixed sentence. {w} = word, {n} = numeral.
@@ -93,9 +124,8 @@ def build_fewshot_set(cfg: DemoConfig) -> Path:
             path.parent.mkdir(parents=True, exist_ok=True)
             images[i].save(path)
             splits[s].append(Datum(str(path), int(labels[i]), CLASSNAMES[labels[i]]))
-    tmp = d / "split.json.tmp"
-    write_split_file(tmp, splits, d / "images")
-    os.replace(tmp, split_path)  # written last: its presence means the folder is complete
+    # Written (atomically) last: its presence means the folder is complete.
+    write_split_file(split_path, splits, d / "images")
     return split_path
 
 
@@ -143,11 +173,7 @@ def export_backbone(checkpoint: str | Path, out: str | Path) -> Path:
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
     sd = ckpt["state_dict"] if isinstance(ckpt, dict) and "state_dict" in ckpt else ckpt
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
-    out = Path(out)
-    tmp = out.with_suffix(".tmp")
-    torch.save(sd, tmp)
-    os.replace(tmp, out)
-    return out
+    return atomic_write(out, lambda f: torch.save(sd, f))
 
 
 def train_backbone(cfg: DemoConfig, force: bool = False) -> tuple[Path, float]:
@@ -162,12 +188,13 @@ def train_backbone(cfg: DemoConfig, force: bool = False) -> tuple[Path, float]:
     logs = cache / "open_clip_logs"
     shutil.rmtree(logs / "demo", ignore_errors=True)  # open_clip_train refuses an existing run name
     t0 = time.time()
-    cmd = [sys.executable, "-m", "pipeline.data.demo", "open-clip-train",
+    cmd = [sys.executable, "-m", "pipeline.digits_demo.data", "open-clip-train",
            *open_clip_train_args(cfg, urls, n_samples, logs)]
     subprocess.run(cmd, check=True)
     seconds = time.time() - t0
     export_backbone(logs / "demo" / "checkpoints" / f"epoch_{cfg.epochs}.pt", out)
-    manifest.write_text(json.dumps({"spec": spec, "config": dataclasses.asdict(cfg), "train_seconds": seconds}))
+    atomic_write_json(manifest, {"spec": spec, "config": dataclasses.asdict(cfg), "train_seconds": seconds},
+                      indent=None)
     return out, seconds
 
 
@@ -225,7 +252,7 @@ def patch_open_clip_train_wds() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline.data.demo [--cache-dir DIR] [--force] [--epochs N]``."""
+    """``python -m pipeline.digits_demo.data [--cache-dir DIR] [--force] [--epochs N]``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["open-clip-train"]:
         # open_clip_train resolves --model in its own process: register the in-repo archs there first
@@ -239,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("torch").setLevel(logging.WARNING)
         oc_main(argv[1:])
         return 0
-    ap = argparse.ArgumentParser(prog="python -m pipeline.data.demo", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m pipeline.digits_demo.data", description=__doc__.split("\n")[0])
     ap.add_argument("--cache-dir", default=DemoConfig.cache_dir)
     ap.add_argument("--epochs", type=int, default=DemoConfig.epochs)
     ap.add_argument("--force", action="store_true", help="retrain the backbone even if cached")

@@ -1,5 +1,5 @@
 """The gradient regulator: turns the task gradient ``g`` and regularizer gradient ``r`` of each prompt
-tensor into the regulated gradient ``G`` used by the inner step (DESIGN section 4).
+tensor into the regulated gradient ``G`` used by the inner step (docs/ARCHITECTURE.md section 4).
 
 Kinds (``RegulatorConfig.kind``):
 
@@ -44,8 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.meta.config import RegulatorConfig, validate_regulator
-
-Prompts = dict[str, Tensor]
+from pipeline.prompts import Prompts
 
 # Clamp of the log norm ratio input: beyond e^10 one gradient dominates anyway.
 _LOG_RATIO_CLAMP = 10.0

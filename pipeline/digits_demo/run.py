@@ -1,6 +1,6 @@
 """The end-to-end digits demo: demo backbone -> stage 1 -> stage 2 (4 methods x 3 seeds) -> report.
 
-    python -m pipeline.demo_e2e [--seeds 1 2 3] [--force]
+    python -m pipeline.digits_demo [--seeds 1 2 3] [--force]
 
 Run from the repository root. Steps, each cached or idempotent:
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pipeline import finetune, pretrain, report
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "finetune" / "demo.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "finetune" / "demo.yaml"
 ARTIFACT = "runs/demo/pretrain/artifact.pt"
 RUNS = [
     ("zeroshot", ["method=zeroshot"]),
@@ -37,7 +37,7 @@ RUNS = [
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(prog="python -m pipeline.demo_e2e", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m pipeline.digits_demo", description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     ap.add_argument("--force", action="store_true", help="rerun stage-2 runs that already have results")
     ap.add_argument("extra", nargs="*", help="dotted overrides for every stage-2 run")

@@ -1,4 +1,4 @@
-"""The bundled end-to-end demo's inputs: digits shards and backbone, their features and clustering.
+"""Stage-1 inputs of the digits demo: digits shards and backbone, their features and clustering.
 
 ``python -m pipeline.pretrain`` with no arguments calls :func:`prepare_pretrain_demo`, which builds what
 is missing (each step is cached and idempotent) and returns the arguments of the demo run. Paths are
@@ -7,22 +7,21 @@ relative to the working directory (run from the repository root): ``cache/demo``
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 from pipeline import cluster, extract
 from pipeline.config import load_config
-from pipeline.data.config import DemoConfig
+from pipeline.digits_demo.data import DemoConfig, build_demo
+from pipeline.distributed import launcher_rank
+from pipeline.fileio import atomic_write_text
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 READY = Path("runs/demo/.inputs-ready")
 
 
 def build_pretrain_inputs() -> dict:
     """Digits data + demo backbone (open_clip_train), frozen features, clusters; returns the paths."""
-    from pipeline.data.demo import build_demo
-
     info = build_demo(DemoConfig())
     urls = info["shards"]
     ext = load_config(extract.ExtractConfig, CONFIGS / "extract" / "demo.yaml", [f"urls={urls}"])
@@ -36,12 +35,11 @@ def build_pretrain_inputs() -> dict:
 
 def prepare_pretrain_demo(config: Path, timeout_s: float = 1800.0) -> list[str]:
     """Arguments of the demo pretraining run; rank 0 builds the inputs, other ranks wait for them."""
-    rank = int(os.environ.get("RANK", "0"))
+    rank = launcher_rank()
     if rank == 0:
         READY.unlink(missing_ok=True)
         info = build_pretrain_inputs()
-        READY.parent.mkdir(parents=True, exist_ok=True)
-        READY.write_text(info["urls"])
+        atomic_write_text(READY, info["urls"])  # other ranks poll for it: never let them read it half written
     else:
         deadline = time.time() + timeout_s
         while not READY.exists():

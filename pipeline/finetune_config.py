@@ -1,0 +1,246 @@
+"""Typed configuration of stage 2, few-shot fine-tuning (docs/ARCHITECTURE.md sections 5 and 6).
+
+The schema behind ``configs/finetune/*.yaml`` and ``python -m pipeline.finetune``'s command line, and
+the method presets. Methods are presets: ``method=X`` sets the config fields listed in
+:data:`METHOD_PRESETS` (and ``init=random`` those in :data:`INIT_PRESETS`) between the YAML file and
+the command line. Setting one of those fields explicitly to another value is an error naming both,
+never silently overridden. The loop that runs a config is :mod:`pipeline.finetune_loop`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pipeline.config import ConfigError, ModelConfig, load_config, user_layers
+from pipeline.data.config import SUBSAMPLES, FewShotConfig
+from pipeline.data.datasets_meta import DATASETS
+from pipeline.meta.config import LossConfig, MetaConfig, RegulatorConfig, validate_meta_learning
+from pipeline.tracking import TrackingConfig
+
+METHODS = ("prometar", "ivlp", "coop", "zeroshot")
+INITS = ("words", "artifact", "random")
+
+METHOD_PRESETS: dict[str, dict[str, Any]] = {
+    # regularized step + meta step; the regulator (any kind, modulate by default) learns
+    "prometar": {"meta.meta_step": True},
+    # the regularized step alone with fixed gamma: G = g + constant_gamma * r (weights 25 / 10 by default)
+    "ivlp": {"model.prompts.type": "ivlp", "meta.meta_step": False, "regulator.kind": "constant"},
+    # shallow text context, plain cross-entropy: no regularizer, no regulator, no meta step
+    "coop": {"model.prompts.type": "coop", "meta.meta_step": False, "regulator.kind": "none",
+             "loss.weight_text": 0.0, "loss.weight_image": 0.0},
+    # frozen CLIP with the dataset's template; no prompts, so nothing is trained (optim.* is unused)
+    "zeroshot": {"model.prompts.type": "none", "meta.meta_step": False},
+}
+"""Config fields each ``method`` sets (dotted keys)."""
+
+INIT_PRESETS: dict[str, dict[str, Any]] = {
+    "words": {},
+    "artifact": {},
+    "random": {"model.prompts.init_words": ""},
+}
+"""Config fields each ``init`` sets (``artifact`` copies prompts and regulator from ``artifact``)."""
+
+
+@dataclass(frozen=True)
+class FinetuneOptimConfig:
+    """SGD on the prompts with a constant warmup then cosine decay, per epoch (the public recipe)."""
+
+    epochs: int = 10
+    """Training epochs over the few-shot set (0 = evaluate only)."""
+    batch_size: int = 4
+    """Images per iteration."""
+    lr: float = 0.0025
+    """Peak SGD learning rate of the prompts."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 5e-4
+    """SGD weight decay of the prompts."""
+    warmup_epochs: int = 1
+    """Epochs at the constant ``warmup_lr`` before the cosine schedule starts."""
+    warmup_lr: float = 1e-5
+    """Learning rate of the prompts during warmup."""
+    regulator_warmup_epochs: int = 0
+    """Epochs of linear warmup of the regulator's learning rate (``regulator.lr``) before its own cosine
+    decay; its scheduler is stepped every epoch like the prompts' one."""
+    max_nonfinite: int = 10
+    """Abort after this many consecutive iterations whose update was skipped as non-finite."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What is evaluated at the end of training (:mod:`pipeline.evaluate`)."""
+
+    subsets: tuple[str, ...] = ("base", "new")
+    """Class subsets of the training dataset, each in its own label space (``base``, ``new``, ``all``)."""
+    targets: tuple[str, ...] = ()
+    """Other datasets evaluated on all their test classes (domain generalization: ``ImageNetV2``...;
+    cross-dataset: the other 10), read from ``data.root``."""
+    batch_size: int = 100
+    """Test images per forward."""
+    workers: int = 0
+    """DataLoader workers for test images."""
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Stage-2 few-shot fine-tuning and its evaluation (docs/ARCHITECTURE.md sections 5 and 6)."""
+
+    method: str = "prometar"
+    """``prometar``, ``ivlp``, ``coop`` or ``zeroshot``: a preset of fields (:data:`METHOD_PRESETS`)."""
+    init: str = "words"
+    """Prompt initialisation: ``words`` (``model.prompts.init_words``), ``random``, or ``artifact``
+    (prompts, and the regulator when the kinds match, from the stage-1 artifact at ``artifact``)."""
+    artifact: str = ""
+    """Stage-1 artifact for ``init=artifact``; refused when made for another backbone or prompt shape."""
+    name: str = ""
+    """Label of the run in its path, W&B and result tables; empty = ``method``."""
+    run_root: str = "runs/finetune"
+    """Runs go to ``<run_root>/<data.dataset>/<name or method>/seed_<seed>``."""
+    seed: int = 1
+    """The protocol seed (1-3): shot sampling, prompt init, batch order, mixup. ``data.seed`` and
+    ``model.seed`` follow it (setting them to another value is an error)."""
+    force: bool = False
+    """Run even when ``results.json`` exists (the old run folder's checkpoints are discarded)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Frozen backbone and prompt learner."""
+    data: FewShotConfig = field(default_factory=FewShotConfig)
+    """Few-shot dataset; train on ``data.subsample`` (``base`` for base-to-new)."""
+    regulator: RegulatorConfig = field(default_factory=RegulatorConfig)
+    """Gradient regulator (``regulator.lr`` is its AdamW learning rate)."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Regularizer weights (lambda_txt 50, lambda_img 20) and mixup Beta(0.5, 0.5)."""
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    """Meta step (inner lr 5e-4)."""
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
+    """Prompt optimiser and schedules."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation after training."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """W&B (one run per dataset, seed and method; set ``tracking.group`` per sweep) and metrics.jsonl."""
+    frozen_templates: tuple[str, ...] = ()
+    """Templates of the frozen text features g_0; empty = the dataset's template."""
+    workers: int = 0
+    """DataLoader workers for training images."""
+    mixed_precision: str = "no"
+    """``no`` or ``bf16`` (autocast on GPU)."""
+    cpu: bool = False
+    """Run on the CPU even when a GPU is visible."""
+    threads: int = 0
+    """CPU intra-op threads (``torch.set_num_threads``); 0 = torch's default. Tiny models run faster
+    with 1 on a small, shared CPU."""
+    allow_fewer_shots: bool = False
+    """Train classes with fewer than ``data.k_shot`` training images on all of them (CoOp's behaviour,
+    one warning per class). False: such a run is refused before it starts, naming the class, so a
+    "16-shot" result never silently comes from fewer shots."""
+
+    def validate(self) -> None:
+        validate_meta_learning(self.regulator, self.loss, self.meta)
+        if self.method not in METHODS:
+            raise ConfigError(f"method={self.method!r}: expected one of {METHODS}")
+        if self.init not in INITS:
+            raise ConfigError(f"init={self.init!r}: expected one of {INITS}")
+        for preset, owner in ((METHOD_PRESETS[self.method], f"method={self.method}"),
+                              (INIT_PRESETS[self.init], f"init={self.init}")):
+            for key, value in preset.items():
+                have = _get(self, key)
+                if have != value:
+                    raise ConfigError(f"{owner} needs {key}={value!r} but the config has {have!r} "
+                                      "(load it with pipeline.finetune_config.load_finetune_config to apply presets)")
+        if self.init == "artifact" and not self.artifact:
+            raise ConfigError("init=artifact needs artifact=<path of a stage-1 artifact.pt>")
+        if self.init != "artifact" and self.artifact:
+            raise ConfigError(f"artifact={self.artifact!r} is set but init={self.init!r}; use init=artifact")
+        if self.method == "zeroshot" and self.init == "artifact":
+            raise ConfigError("method=zeroshot trains no prompts; init=artifact makes no sense")
+        if self.method != "zeroshot" and self.model.prompts.type == "none":
+            raise ConfigError(f"model.prompts.type=none has nothing to train for method={self.method}")
+        for key, value in (("data.seed", self.data.seed), ("model.seed", self.model.seed)):
+            if value != self.seed:
+                raise ConfigError(f"{key}={value} disagrees with seed={self.seed}; set only seed")
+        if self.optim.epochs < 0 or self.optim.batch_size < 1 or self.optim.warmup_epochs < 0:
+            raise ConfigError("optim.epochs and optim.warmup_epochs must be >= 0, optim.batch_size >= 1")
+        if self.optim.max_nonfinite < 1:
+            raise ConfigError(f"optim.max_nonfinite={self.optim.max_nonfinite} must be >= 1")
+        for s in self.eval.subsets:
+            if s not in ("all", "base", "new"):
+                raise ConfigError(f"eval.subsets: {s!r} is not one of all/base/new")
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ConfigError(f"mixed_precision={self.mixed_precision!r}: expected 'no' or 'bf16'")
+        if self.data.dataset != "folder" and self.data.dataset not in DATASETS:
+            raise ConfigError(f"data.dataset={self.data.dataset!r}: expected 'folder' or one of {sorted(DATASETS)}")
+        if self.data.subsample not in SUBSAMPLES:
+            raise ConfigError(f"data.subsample={self.data.subsample!r}: expected one of {SUBSAMPLES}")
+        for name in self.eval.targets:  # checked now, not after hours of training
+            if name not in DATASETS:
+                raise ConfigError(f"eval.targets: {name!r} is not a dataset; expected some of {sorted(DATASETS)}")
+        for t in self.frozen_templates:
+            if "{}" not in t:
+                raise ConfigError(f"frozen_templates: {t!r} has no {{}} for the class name")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.method
+
+    @property
+    def run_dir(self) -> Path:
+        """Deterministic output folder of this (dataset, method/name, seed)."""
+        return Path(self.run_root) / self.data.dataset / self.label / f"seed_{self.seed}"
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _dotlist(values: dict[str, Any]) -> list[str]:
+    def text(v):
+        return "''" if v == "" else str(v).lower() if isinstance(v, bool) else str(v)
+
+    return [f"{k}={text(v)}" for k, v in values.items()]
+
+
+def load_finetune_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> FinetuneConfig:
+    """Defaults <- YAML <- method/init presets <- overrides; ``seed`` fills ``data.seed`` and ``model.seed``.
+
+    A preset field set explicitly (YAML or override) to another value raises :class:`ConfigError`.
+    """
+    # safe YAML, known keys, plain values (no interpolation can run while presets are looked up below)
+    layers = user_layers(FinetuneConfig, path, overrides)
+    explicit: dict[str, Any] = {}
+    for _, data in layers:
+        explicit.update(_flatten(data))
+    try:  # typed view of what the user wrote, before presets (errors name the key via load_config below)
+        merged = OmegaConf.merge(OmegaConf.structured(FinetuneConfig), *(OmegaConf.create(d) for _, d in layers))
+    except OmegaConfBaseException:
+        return load_config(FinetuneConfig, path, overrides)  # raises with the offending key
+    method, init, seed = merged.method, merged.init, merged.seed
+    if method not in METHODS:
+        raise ConfigError(f"method={method!r}: expected one of {METHODS}")
+    if init not in INITS:
+        raise ConfigError(f"init={init!r}: expected one of {INITS}")
+    preset = {**METHOD_PRESETS[method], **INIT_PRESETS[init]}
+    for key, value in preset.items():
+        if key in explicit and OmegaConf.select(merged, key) != value:
+            raise ConfigError(f"{key}={OmegaConf.select(merged, key)!r} conflicts with method={method} / "
+                              f"init={init}, which sets {key}={value!r}; drop the setting or change the method")
+    derived = {}
+    for key in ("data.seed", "model.seed"):
+        if key not in explicit:
+            derived[key] = seed
+    return load_config(FinetuneConfig, path, [*_dotlist(preset), *_dotlist(derived), *overrides])
