@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, run_main
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "write-shards": ("pipeline.data.shard_writer", "pack images + captions into webdataset shards"),
@@ -44,6 +44,9 @@ def schema_for(folder: str) -> type:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``pipeline <command> [args]``: the command's ``main(args)``, run as a command line (the console
+    script's entry point): a user error, e.g. a :class:`ConfigError`, is one line ``error: ...`` on stderr
+    and exit status 2 (:func:`pipeline.config.run_main`); other exceptions keep their traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: pipeline <command> [args...]\n\ncommands:")
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pipeline: unknown command {name!r}; known: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    return run_main(module.main, rest)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,14 @@ Modes (``mode=...``):
 - ``assign``: assign one shard (``shard=<i>``, the i-th finished feature file; an array task) or all;
 - ``summarize``: merge the per-shard assignments into ``concepts.json``, ``summary.md`` and a plot.
 
-Outputs under ``out_dir``: ``hierarchy.npz``, ``assign/<shard>.npz`` (keys, domain, concept, similarity),
+Outputs under ``out_dir``: ``hierarchy.npz``, ``assign/<shard>.npz`` (keys, captions, domain, concept,
+similarity, and the per-sample content digests and shard fingerprint carried over from the feature file),
 ``concepts.json`` (id, domain, name, size, example captions), ``summary.md``, ``concept_sizes.png``.
+
+Assigning needs feature files with content fingerprints (docs/ARCHITECTURE.md section 4): the stage-1
+stream uses them to refuse a clustering applied to other shards with the same names and keys. Feature
+files written before fingerprints are refused by ``mode=all`` and ``mode=assign`` before any work (rerun
+``pipeline extract``, which redoes them); ``mode=fit`` does not bind anything and accepts them.
 """
 
 from __future__ import annotations
@@ -20,7 +26,17 @@ import numpy as np
 
 from pipeline.config import ConfigError, load_config, parse_config_args
 from pipeline.data.clustering import Hierarchy, KMeansConfig, clean_caption, fit_hierarchy
-from pipeline.data.features import finished_stems, read_features
+from pipeline.data.features import (
+    Assignments,
+    ContentMismatch,
+    feature_count,
+    finished_stems,
+    read_assignments,
+    read_features,
+    stored_fingerprint,
+    write_assignments,
+)
+from pipeline.data.sources import some_names
 from pipeline.fileio import atomic_write, atomic_write_json, atomic_write_text
 from pipeline.inputs import require_dir, require_file
 
@@ -78,10 +94,7 @@ def validate_cluster(cfg: ClusterConfig) -> None:
 
 def sample_features(features_dir: str, stems: list[str], n: int, seed: int):
     """Uniform sample (without replacement) of up to ``n`` points across shards: image, text, captions."""
-    counts = []
-    for stem in stems:
-        with np.load(Path(features_dir) / f"{stem}.npz", allow_pickle=False) as z:
-            counts.append(len(z["keys"]))
+    counts = [feature_count(Path(features_dir) / f"{stem}.npz") for stem in stems]
     total = sum(counts)
     if total == 0:
         raise ValueError(f"{features_dir}: no features to cluster")
@@ -116,13 +129,29 @@ def fit(cfg: ClusterConfig, stems: list[str]) -> Hierarchy:
 
 
 def assign_shard(cfg: ClusterConfig, hierarchy: Hierarchy, stem: str) -> Path:
-    """Assign one shard's samples; atomic write of ``assign/<stem>.npz``."""
-    f = read_features(Path(cfg.features_dir) / f"{stem}.npz")
+    """Assign one shard's samples; atomic write of ``assign/<stem>.npz`` with the feature file's content
+    digests and fingerprint (refused for a feature file written before fingerprints)."""
+    path = Path(cfg.features_dir) / f"{stem}.npz"
+    f = read_features(path)
+    if f.digest is None:
+        raise ContentMismatch(_stale_message([stem], 1, cfg.features_dir))
     domain, concept, sim = hierarchy.assign(f.image.astype(np.float32), f.text.astype(np.float32))
     out = Path(cfg.out_dir) / "assign" / f"{stem}.npz"
-    # np.savez on a file object writes exactly there (it appends ".npz" only to a path that lacks it).
-    return atomic_write(out, lambda fh: np.savez(fh, keys=f.keys, captions=f.captions, domain=domain,
-                                                 concept=concept, sim=sim))
+    return write_assignments(out, Assignments(f.keys, f.captions, domain, concept, sim, f.digest))
+
+
+def _stale_message(stale: list[str], total: int, features_dir: str) -> str:
+    return (f"features_dir: {len(stale)} of the {total} feature files to assign in {features_dir} were written before "
+            f"content fingerprints ({some_names(stale)}), so their assignments could not be bound to the shards' "
+            "content; re-run `pipeline extract` with the same urls and out_dir (it re-embeds exactly those), then "
+            "`pipeline cluster`")
+
+
+def check_fingerprints(cfg: ClusterConfig, stems: list[str]) -> None:
+    """Refuse, before any work, feature files that carry no content fingerprint (one error naming a few)."""
+    stale = [s for s in stems if stored_fingerprint(Path(cfg.features_dir) / f"{s}.npz") is None]
+    if stale:
+        raise ContentMismatch(_stale_message(stale, len(stems), cfg.features_dir))
 
 
 def summarize(cfg: ClusterConfig, hierarchy: Hierarchy) -> dict:
@@ -131,13 +160,13 @@ def summarize(cfg: ClusterConfig, hierarchy: Hierarchy) -> dict:
     examples: dict[int, list[str]] = defaultdict(list)
     files = sorted((Path(cfg.out_dir) / "assign").glob("*.npz"))
     for path in files:
-        with np.load(path, allow_pickle=False) as z:
-            sizes.update(z["concept"].tolist())
-            order = np.argsort(-z["sim"])  # most typical captions first
-            for i in order:
-                c = int(z["concept"][i])
-                if len(examples[c]) < cfg.examples_per_concept:
-                    examples[c].append(str(z["captions"][i]))
+        a = read_assignments(path)
+        sizes.update(a.concept.tolist())
+        order = np.argsort(-a.sim)  # most typical captions first
+        for i in order:
+            c = int(a.concept[i])
+            if len(examples[c]) < cfg.examples_per_concept:
+                examples[c].append(str(a.captions[i]))
     concepts = [
         {"id": c, "domain": int(hierarchy.concept_domain[c]), "name": hierarchy.names[c],
          "size": int(sizes.get(c, 0)), "examples": examples.get(c, [])}
@@ -189,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                      "in the same out_dir; run that first")
     if cfg.mode == "summarize" and not any((out / "assign").glob("*.npz")):
         raise ConfigError(f"out_dir: no assignment files in {out / 'assign'}; run mode=assign first")
+    if cfg.mode in ("all", "assign") and cfg.shard < len(stems):  # before the fit: it would be wasted
+        check_fingerprints(cfg, stems if cfg.shard < 0 else [stems[cfg.shard]])
     if cfg.mode in ("all", "fit"):
         hierarchy = fit(cfg, stems)
         print(f"fitted {hierarchy.n_domains} domains, {hierarchy.n_concepts} concepts -> {out / 'hierarchy.npz'}")
@@ -209,4 +240,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from pipeline.config import run_main  # user errors: one line on stderr, exit status 2
+
+    raise SystemExit(run_main(main))

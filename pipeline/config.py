@@ -3,7 +3,7 @@
 A config is resolved in three layers, later ones winning:
 
 1. the dataclass defaults (the docstring under each field says what it means),
-2. a YAML file (``yaml.safe_load``; only the keys that differ from the defaults),
+2. a YAML file (safe YAML, :class:`ConfigLoader`; only the keys that differ from the defaults),
 3. dotted ``key=value`` overrides from the command line (``prompts.n_ctx_text=8``).
 
 OmegaConf's structured configs do the merging, so an unknown key, a wrong type or a missing
@@ -11,14 +11,20 @@ value fails *before* anything runs, with the offending key in the message. The r
 back into the frozen dataclasses, so code downstream gets plain typed Python objects, and
 :func:`to_dict` turns it into a JSON/YAML-safe dict for checkpoints and trackers.
 
-Configs are plain data, never code: YAML is read with ``yaml.safe_load`` (``!!python/...`` tags are
-refused, nothing is constructed), and OmegaConf interpolations and resolvers (``${oc.env:HOME}``,
-``${any_registered_resolver:...}``) are refused before OmegaConf sees them, so a config can neither
-run a registered function nor copy an environment variable (a token) into checkpoints and W&B.
+Configs are plain data, never code: YAML is read with a ``yaml.SafeLoader`` subclass (``!!python/...``
+tags are refused, nothing is constructed; a key given twice in one mapping is refused too, naming the
+key and both lines, where plain ``safe_load`` would silently keep the last value), and OmegaConf
+interpolations and resolvers (``${oc.env:HOME}``, ``${any_registered_resolver:...}``) are refused before
+OmegaConf sees them, so a config can neither run a registered function nor copy an environment variable
+(a token) into checkpoints and W&B. A YAML syntax error names the file, the line and the column.
 
 Files a config names (checkpoints, shards, clusters, datasets) are checked by each stage's
 ``preflight`` before anything starts, with the helpers of :mod:`pipeline.inputs`, so a typo costs
 seconds, not a queued job.
+
+On the command line a :class:`ConfigError` (and a checkpoint or artifact loading error) is one line
+``error: ...`` on stderr with exit status 2, not a traceback: every entry point runs its ``main``
+through :func:`run_main`; ``main(argv)`` called from Python still raises.
 """
 
 from __future__ import annotations
@@ -27,7 +33,10 @@ import argparse
 import dataclasses
 import difflib
 import functools
+import os
+import sys
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -174,18 +183,86 @@ def _resolve(schema: type[T], layers: list[tuple[str, dict[str, Any]]]) -> T:
     return obj
 
 
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as ``{"dotted.key": value}``."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping gives the same key twice (``safe_load`` would silently keep the last value)."""
+
+    def __init__(self, key: Any, line: int, first_line: int):
+        super().__init__(f"duplicate key {key!r} at line {line} (first given at line {first_line})")
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate keys; otherwise exactly ``safe_load``'s semantics.
+
+    Only the safe constructors are registered (the base class's), so ``!!python/...`` tags still raise
+    a ``ConstructorError`` and nothing is built. Keys brought in by a YAML merge (``<<: *base``) may be
+    overridden by explicit keys, as YAML specifies; only explicit keys are compared.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the base class raises its own error for it
+                    continue
+                line = key_node.start_mark.line + 1
+                if first is not None:
+                    raise DuplicateKeyError(key, line, first)
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_load(stream) -> Any:
+    """``safe_load`` with :class:`ConfigLoader` (what ``yaml.safe_load`` does, with our loader)."""
+    loader = ConfigLoader(stream)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _mark(mark: Any) -> str:
+    return f"line {mark.line + 1}, column {mark.column + 1}"
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A config file as a plain dict: ``yaml.safe_load`` (Python tags are refused, never executed)."""
+    """A config file as a plain dict, read with :class:`ConfigLoader` (safe; Python tags are refused,
+    never executed; duplicate keys are refused). Every failure is a :class:`ConfigError` naming the file:
+    syntax errors with their line and column, duplicate keys with the key and both lines."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {path}: " + ("not a file" if p.exists() else "no such file"))
     try:
         with open(p, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        # a ConstructorError here is a `!!python/...` (or other unknown) tag: refused, nothing was built
+            data = _yaml_load(f)
+    except DuplicateKeyError as e:
+        raise ConfigError(f"{path}: {e}; each key may appear once per section") from None
+    except yaml.constructor.ConstructorError as e:
+        # an unknown tag, e.g. `!!python/...`: refused before anything was built
         raise ConfigError(f"{path}: not a plain-data YAML config (only safe YAML is read; python tags are "
                           f"refused and nothing was executed): {' '.join(str(e).split())}") from None
+    except yaml.MarkedYAMLError as e:  # scanner, parser and composer errors: the text is not valid YAML
+        where = _mark(e.problem_mark) if e.problem_mark is not None else "an unknown position"
+        context = f" ({e.context} at {_mark(e.context_mark)})" if e.context and e.context_mark is not None else ""
+        raise ConfigError(f"{path}: YAML syntax error at {where}: {e.problem}{context}") from None
+    except yaml.YAMLError as e:  # e.g. a control character the reader refuses
+        raise ConfigError(f"{path}: not a readable YAML file: {' '.join(str(e).split())}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text ({e.reason})") from None
     if data is None:  # an empty file is an empty delta
@@ -300,6 +377,43 @@ def parse_config_args(argv: list[str] | None, prog: str, description: str, schem
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     args = parser.parse_args(argv)
     return args.config, args.overrides
+
+
+USER_ERRORS = ("pipeline.config.ConfigError", "pipeline.checkpoint.CheckpointError")
+"""Exception classes (by qualified name, subclasses included) that :func:`run_main` reports as one line.
+By name because this module is layer 0 and may not import :mod:`pipeline.checkpoint` (layer 1)."""
+USER_VALUE_ERRORS = ("incompatible artifact:",)
+"""Prefixes of ``ValueError`` messages that are user errors too: an artifact that does not fit the run
+(``pipeline.checkpoint.check_compatible``, ``pipeline.finetune_loop.init_from_artifact``)."""
+TRACEBACK_ENV = "PIPELINE_TRACEBACK"
+"""Set to ``1`` to get the full traceback of a user error from :func:`run_main` (for bug reports)."""
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """True when ``exc`` says what the user must fix (a config, a path, an artifact), not a bug: a
+    :class:`ConfigError`, a checkpoint/artifact loading error, or an incompatible artifact."""
+    names = {f"{c.__module__}.{c.__qualname__}" for c in type(exc).__mro__}
+    if names & set(USER_ERRORS):
+        return True
+    return type(exc) is ValueError and str(exc).startswith(USER_VALUE_ERRORS)
+
+
+def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+    """Run an entry point's ``main(argv)`` as a command: a user error (:func:`is_user_error`) becomes
+    one line ``error: <message>`` on stderr and exit status 2 instead of a Python traceback.
+
+    For ``if __name__ == "__main__": sys.exit(run_main(main))`` blocks and ``pipeline <command>``;
+    ``main(argv)`` called from Python still raises. Any other exception is a bug and keeps its
+    traceback; so does a user error when the environment sets ``PIPELINE_TRACEBACK=1``.
+    """
+    try:
+        return int(main(argv) or 0)
+    except Exception as e:
+        if not is_user_error(e) or os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the message held
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return 2
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

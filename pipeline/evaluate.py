@@ -14,6 +14,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from pipeline.config import to_dict
 from pipeline.evaluation import (  # noqa: F401  (harmonic_mean, evaluate: public API of the protocol)
     RESULTS_FILE,
     evaluate,
@@ -23,6 +24,7 @@ from pipeline.evaluation import (  # noqa: F401  (harmonic_mean, evaluate: publi
     read_run,
     write_results,
 )
+from pipeline.run_lock import RunLock
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,13 +43,15 @@ def main(argv: list[str] | None = None) -> int:
         ev = replace(ev, targets=tuple(args.targets))
     cfg = replace(cfg, eval=ev, data=replace(cfg.data, root=args.root) if args.root else cfg.data)
     preflight(cfg, args.run_dir)
-    cfg, cfg_dict, model, prompts, transform = load_run(args.run_dir, cfg)
-    results = evaluate(cfg, model, prompts, transform)
-    old = Path(args.run_dir) / RESULTS_FILE
-    extra = {}
-    if old.exists():  # keep the training summary of the run
-        extra = {k: v for k, v in json.loads(old.read_text()).items() if k == "train"}
-    path = write_results(args.run_dir, cfg, cfg_dict, results, extra)
+    with RunLock(args.run_dir):  # not while a training run (or another evaluation) writes this folder
+        cfg, _, model, prompts, transform = load_run(args.run_dir, cfg)
+        results = evaluate(cfg, model, prompts, transform)
+        old = Path(args.run_dir) / RESULTS_FILE
+        extra = {}
+        if old.exists():  # keep the training summary of the run
+            extra = {k: v for k, v in json.loads(old.read_text()).items() if k == "train"}
+        # the config in effect: --subsets, --targets and --root are recorded with the results they gave
+        path = write_results(args.run_dir, cfg, to_dict(cfg), results, extra)
     summary = {k: round(v["accuracy"], 2) for k, v in results.items() if isinstance(v, dict) and "accuracy" in v}
     if "hm" in results:
         summary["hm"] = round(results["hm"], 2)
@@ -58,4 +62,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline.config import run_main  # user errors: one line on stderr, exit status 2
+
+    raise SystemExit(run_main(main))

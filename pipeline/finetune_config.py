@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.config import ConfigError, ModelConfig, load_config, user_layers
+from pipeline.config import ConfigError, ModelConfig, flatten, load_config, user_layers
 from pipeline.data.config import SUBSAMPLES, FewShotConfig
 from pipeline.data.datasets_meta import DATASETS
 from pipeline.meta.config import LossConfig, MetaConfig, RegulatorConfig, validate_meta_learning
@@ -140,6 +140,8 @@ class FinetuneConfig:
 
     def validate(self) -> None:
         validate_meta_learning(self.regulator, self.loss, self.meta)
+        if not self.run_root.strip():  # an empty root would put run folders under the working directory
+            raise ConfigError("run_root is empty: give the folder that holds the runs (runs/finetune by default)")
         if self.method not in METHODS:
             raise ConfigError(f"method={self.method!r}: expected one of {METHODS}")
         if self.init not in INITS:
@@ -198,16 +200,6 @@ def _get(cfg: Any, dotted: str) -> Any:
     return cfg
 
 
-def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in data.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _dotlist(values: dict[str, Any]) -> list[str]:
     def text(v):
         return "''" if v == "" else str(v).lower() if isinstance(v, bool) else str(v)
@@ -224,7 +216,7 @@ def load_finetune_config(path: str | Path | None = None, overrides: list[str] | 
     layers = user_layers(FinetuneConfig, path, overrides)
     explicit: dict[str, Any] = {}
     for _, data in layers:
-        explicit.update(_flatten(data))
+        explicit.update(flatten(data))
     try:  # typed view of what the user wrote, before presets (errors name the key via load_config below)
         merged = OmegaConf.merge(OmegaConf.structured(FinetuneConfig), *(OmegaConf.create(d) for _, d in layers))
     except OmegaConfBaseException:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -10,6 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
@@ -33,8 +35,9 @@ from pipeline.meta.objective import Batch, Objective
 from pipeline.meta.prometar import prometar_iteration
 from pipeline.meta.regulator import Regulator
 from pipeline.prompts import PromptedCLIP
+from pipeline.run_lock import RunLock
 from pipeline.tracking import Tracker, progress
-from pipeline.train_state import TrainState
+from pipeline.train_state import TrainState, config_changes
 
 
 def prompt_lr_lambda(optim: FinetuneOptimConfig):
@@ -83,7 +86,8 @@ def init_from_artifact(cfg: FinetuneConfig, model_meta: dict, prompts: dict, reg
                              f"{[want.get(k) for k in diff[:2]]})")
         regulator.load_state_dict(art.regulator_state)
         loaded_regulator = True
-    return {"artifact": str(cfg.artifact), "artifact_steps": art.metadata.get("steps"),
+    return {"artifact": str(cfg.artifact), "artifact_sha256": file_sha256(cfg.artifact),
+            "artifact_steps": art.metadata.get("steps"),
             "regulator_from_artifact": loaded_regulator}
 
 
@@ -127,14 +131,68 @@ def check_shots(data: FewShotConfig, splits) -> None:
             "allow_fewer_shots=true to train those classes on all their images (CoOp's behaviour)")
 
 
+RESUME_APPLIED = ("tracking", "workers", "threads", "force", "eval", "optim.max_nonfinite")
+"""Settings that may change when a run resumes from an epoch checkpoint (each change is logged); any other
+change is refused: the checkpoint's state and the recorded config would disagree."""
+
+RESULT_NEUTRAL = ("tracking", "workers", "threads", "force", "eval.batch_size", "eval.workers", "optim.max_nonfinite")
+"""Settings that cannot change a finished run's results: a run folder whose ``results.json`` was written
+under a config that differs only in these counts as done. Any other difference (``data.root``, ``init``,
+``artifact``, ``eval.targets``...) is refused rather than silently answered with the old results."""
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (identifies the stage-1 artifact a run started from)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def finished_results(cfg: FinetuneConfig, cfg_dict: dict) -> dict | None:
+    """The results of an earlier run of this very config in ``cfg.run_dir``, or ``None`` when it has none.
+
+    Raises :class:`ConfigError` when ``results.json`` exists but was produced under a config that differs in
+    a setting that can change the result (or from another artifact file at the same path), or is unreadable.
+    """
+    path = cfg.run_dir / RESULTS_FILE
+    if not path.exists():
+        return None
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+        stored = old["config"]
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise ConfigError(f"{path} is unreadable or has no config ({type(e).__name__}: {e}); rerun with "
+                          "force=true to replace it") from None
+    changes = {k: v for k, v in config_changes(stored, cfg_dict).items()
+               if not any(k == p or k.startswith(p + ".") for p in RESULT_NEUTRAL)}
+    if changes:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changes.items())[:6])
+        raise ConfigError(f"{path} holds the results of another config ({listed}); its results do not answer this "
+                          "run. Use another name=, or force=true to replace them (python -m pipeline.evaluate "
+                          "re-evaluates a finished run on other targets)")
+    if cfg.init == "artifact":
+        had = old.get("train", {}).get("artifact_sha256")
+        now = file_sha256(cfg.artifact) if Path(cfg.artifact).is_file() else None
+        if had != now:
+            raise ConfigError(f"{path} was trained from another artifact file than the one now at {cfg.artifact} "
+                              f"(sha256 {had} != {now}); use another name=, or force=true to retrain")
+    return old
+
+
 def run(cfg: FinetuneConfig) -> dict:
-    """Train (unless done) and evaluate one run; returns its results (read back when skipped)."""
-    results = cfg.run_dir / RESULTS_FILE
-    if results.exists() and not cfg.force:
-        print(f"finetune: {results} exists; skipping (force=true reruns)")
-        return {**json.loads(results.read_text()), "skipped": True}
+    """Train (unless done) and evaluate one run; returns its results (read back when skipped).
+
+    A finished run is skipped only when it was made by the same config (:func:`finished_results`); training
+    holds the run folder (:class:`pipeline.run_lock.RunLock`).
+    """
+    cfg_dict = to_dict(cfg)
+    if not cfg.force and (done := finished_results(cfg, cfg_dict)) is not None:
+        print(f"finetune: {cfg.run_dir / RESULTS_FILE} exists for this config; skipping (force=true reruns)")
+        return {**done, "skipped": True}
     preflight(cfg)
-    return train(cfg, to_dict(cfg))
+    return train(cfg, cfg_dict)
 
 
 def train(cfg: FinetuneConfig, cfg_dict: dict | None = None) -> dict:
@@ -147,7 +205,8 @@ def train(cfg: FinetuneConfig, cfg_dict: dict | None = None) -> dict:
     try:
         if dist.world_size > 1:
             raise ConfigError(f"stage 2 runs in one process (got {dist.world_size}); launch one job per run")
-        return _train(cfg, cfg_dict, dist)
+        with RunLock(cfg.run_dir):  # one process per run folder, for the whole run
+            return _train(cfg, cfg_dict, dist)
     finally:
         dist.shutdown()
 
@@ -184,13 +243,15 @@ def _train(cfg: FinetuneConfig, cfg_dict: dict, dist: Distributed) -> dict:
 
     state = TrainState(prompts, regulator, {"prompts": sgd, "regulator": adamw},
                        {"prompts": sched, "regulator": reg_sched}, counters={"nonfinite_steps": 0})
-    ckpt = state.resume(run_dir) if train_prompts else None  # at the start of the epoch after the last saved
+    # at the start of the epoch after the last saved one
+    ckpt = state.resume(run_dir, cfg_dict, RESUME_APPLIED) if train_prompts else None
     epoch, step, nonfinite, consecutive = state.epoch, state.step, state.counters["nonfinite_steps"], 0
     tracker = Tracker(run_dir, _tracking(cfg), cfg_dict, resume=ckpt is not None,
                       resume_step=step if ckpt is not None else None)
     t_start = time.perf_counter()
     with tracker:
-        bar = progress(total, True, desc=f"{cfg.data.dataset}/{cfg.label}/seed{cfg.seed}")
+        bar = progress(total, True, desc=f"{cfg.data.dataset}/{cfg.label}/seed{cfg.seed}",
+                       every_s=cfg.tracking.progress_every_s)
         bar.update(step)
         while train_prompts and epoch < cfg.optim.epochs:
             order = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)  # same batches on resume
@@ -216,12 +277,14 @@ def _train(cfg: FinetuneConfig, cfg_dict: dict, dist: Distributed) -> dict:
                     if adamw is not None:
                         log["regulator_lr"] = adamw.param_groups[0]["lr"]
                     tracker.log(log, step=step)
+                    if "reg_step/task" in log:
+                        bar.set_postfix(task_loss=log["reg_step/task"])
             epoch += 1
             sched.step()
             if reg_sched is not None:
                 reg_sched.step()
             state.step, state.epoch, state.counters["nonfinite_steps"] = step, epoch, nonfinite
-            state.save(run_dir, keep_last=1)
+            state.save(run_dir, keep_last=1, config=cfg_dict)
         bar.close()
         train_s = time.perf_counter() - t_start
         if prompts:

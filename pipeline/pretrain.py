@@ -53,4 +53,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline.config import run_main  # user errors: one line on stderr, exit status 2
+
+    raise SystemExit(run_main(main))

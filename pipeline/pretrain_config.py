@@ -92,6 +92,8 @@ class PretrainConfig:
 
     def validate(self) -> None:
         validate_meta_learning(self.regulator, self.loss, self.meta)
+        if not self.run_dir.strip():  # an empty path would scatter run files over the working directory
+            raise ConfigError("run_dir is empty: give the run folder (checkpoints, metrics, artifact go there)")
         if self.tasks_per_step < 1:
             raise ConfigError(f"tasks_per_step={self.tasks_per_step} must be >= 1")
         if self.mixed_precision not in ("no", "bf16"):

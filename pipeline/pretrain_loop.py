@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -24,8 +25,19 @@ from pipeline.meta.regulator import Regulator
 from pipeline.meta.step import meta_step
 from pipeline.pretrain_config import OptimConfig, PretrainConfig
 from pipeline.prompts import PromptedCLIP
+from pipeline.run_lock import RunDirLocked, RunLock
 from pipeline.tracking import Tracker, progress
 from pipeline.train_state import TrainState
+
+log = logging.getLogger(__name__)
+
+
+RESUME_APPLIED = ("tracking", "checkpoint.every", "checkpoint.keep_last", "checkpoint.resume", "optim.steps",
+                  "threads", "data.workers", "collective_timeout_s", "max_nonfinite", "artifact")
+"""Settings that may change when a run resumes (each change is logged): where and how often things are
+written, how long the run goes on (the cosine schedule then spans the new ``optim.steps``), and how the
+work is executed. Any other change to the config is refused on resume: it would make the checkpoint's
+state and the recorded config disagree."""
 
 
 def lr_lambda(cfg: OptimConfig):
@@ -70,28 +82,36 @@ def episode_batches(ep: Episode, device: torch.device) -> tuple[Batch, Batch]:
 
 
 class Streams:
-    """This rank's task slots for the current data epoch; rebuilt (reseeded) at each epoch boundary."""
+    """This rank's task slots for the current data epoch; rebuilt (reseeded) at each epoch boundary.
+
+    Counters are kept per slot, so a checkpoint can record each slot's counts of the data epochs before
+    the resume point and a resumed run (any world size) reports exactly what an uninterrupted run does:
+    the replay of the current epoch's tasks recounts that epoch from zero.
+    """
 
     def __init__(self, cfg: PretrainConfig, preprocess, rank: int, world_size: int):
         self.cfg, self.preprocess = cfg, preprocess
         self.slots = list(range(rank, cfg.tasks_per_step, world_size))
-        self.epoch = None
+        self.epoch: int | None = None
         self.iters: list = []
-        self.finished: Counter = Counter()  # counters of earlier epochs
-        self.current: dict = {}  # (slot, worker) -> latest running counters
+        self.finished: dict[int, Counter] = {s: Counter() for s in self.slots}  # counters of earlier epochs
+        self.current: dict[tuple[int, int], dict[str, int]] = {}  # (slot, worker) -> latest running counters
 
     def at(self, step: int):
         """Make the streams match ``step``: rebuild at epoch starts, fast-forward after a resume."""
         epoch, within = divmod(step, self.cfg.data.epoch_steps)
         if epoch != self.epoch:
-            for snap in self.current.values():
-                self.finished.update(snap)
-            self.current = {}
+            self._fold()
             self.iters = [slot_loader(self.cfg.data, self.cfg.episodes, self.preprocess, self.cfg.seed, epoch, s)
                           for s in self.slots]
             self.epoch = epoch
-            for _ in range(within):  # resume mid-epoch: replay the tasks already used
+            for _ in range(within):  # resume mid-epoch: replay the tasks already used (and recount them)
                 self.next()
+
+    def _fold(self) -> None:
+        for (slot, _), snap in self.current.items():
+            self.finished[slot].update(snap)
+        self.current = {}
 
     def next(self) -> list[tuple[int, Episode]]:
         out = []
@@ -102,10 +122,37 @@ class Streams:
         return out
 
     def counters(self) -> dict[str, int]:
-        total = Counter(self.finished)
+        """This rank's counters over every data epoch so far."""
+        total: Counter = Counter()
+        for c in self.finished.values():
+            total.update(c)
         for snap in self.current.values():
             total.update(snap)
         return {k: int(total.get(k, 0)) for k in COUNTERS}
+
+    def before_epoch_of(self, step: int) -> dict[str, dict[str, int]]:
+        """Per slot (as text), the counts of the data epochs before the one ``step`` falls in: what a run
+        resumed at ``step`` starts from before it replays that epoch's tasks."""
+        out = {}
+        for slot in self.slots:
+            c = Counter(self.finished[slot])
+            if self.epoch is not None and step // self.cfg.data.epoch_steps > self.epoch:  # saved at a boundary
+                for (s, _), snap in self.current.items():
+                    if s == slot:
+                        c.update(snap)
+            out[str(slot)] = {k: int(c.get(k, 0)) for k in COUNTERS}
+        return out
+
+    def restore(self, data: dict, is_main: bool) -> None:
+        """Counters from a checkpoint's ``data`` (:meth:`before_epoch_of` of every slot)."""
+        by_slot = data.get("before_epoch_by_slot")
+        if by_slot is not None:
+            for slot in self.slots:
+                self.finished[slot] = Counter(by_slot.get(str(slot), {}))
+        elif data.get("counters") and is_main:  # older checkpoints: one total, on the main rank only
+            log.warning("checkpoint records data counters as one total (older layout): counters of the resumed "
+                        "data epoch are counted again by the replay")
+            self.finished[self.slots[0]] = Counter(data["counters"])
 
 
 def train(cfg: PretrainConfig, cfg_dict: dict | None = None) -> dict:
@@ -115,9 +162,20 @@ def train(cfg: PretrainConfig, cfg_dict: dict | None = None) -> dict:
     """
     cfg_dict = to_dict(cfg) if cfg_dict is None else cfg_dict
     dist = Distributed(cfg.mixed_precision, cpu=cfg.cpu, timeout_s=cfg.collective_timeout_s)
+    lock = RunLock(cfg.run_dir)
     try:
+        refused = None
+        if dist.is_main:  # one holder per run: the main rank, for the life of the job
+            try:
+                lock.acquire()
+            except RunDirLocked as e:
+                refused = e
+        if dist.any(refused is not None):
+            raise refused or RunDirLocked(f"run folder {cfg.run_dir} is in use by another run (see rank 0's error)")
         return _train(cfg, cfg_dict, dist)
     finally:
+        if dist.is_main:
+            lock.release()
         dist.shutdown()
 
 
@@ -150,24 +208,30 @@ def _train(cfg: PretrainConfig, cfg_dict: dict, dist: Distributed) -> dict:
                           "use a new run_dir (a fresh run would overwrite them)")
     state = TrainState(prompts, regulator, {"meta": optimizer}, {"meta": scheduler},
                        counters={"nonfinite_steps": 0}, data={"counters": {}})
-    ckpt = state.resume(run_dir) if cfg.checkpoint.resume else None
-    streams.finished.update(state.data.get("counters", {}))
+    ckpt = state.resume(run_dir, cfg_dict, RESUME_APPLIED) if cfg.checkpoint.resume else None
+    streams.restore(state.data, dist.is_main)
     step, nonfinite_total, consecutive = state.step, state.counters["nonfinite_steps"], 0
     tracker = Tracker(run_dir, cfg.tracking, cfg_dict, is_main=dist.is_main, resume=ckpt is not None,
                       resume_step=step if ckpt is not None else None)
 
     def save() -> None:
         digest = dist.verify_identical(params)  # ranks must hold bit-identical state at every checkpoint
+        by_slot: dict[str, dict[str, int]] = {}
+        for part in dist.gather_objects(streams.before_epoch_of(step)):
+            by_slot.update(part)
+        totals: Counter = Counter()
+        for c in dist.gather_objects(streams.counters()):
+            totals.update(c)
         if dist.is_main:
             state.step, state.counters["nonfinite_steps"] = step, nonfinite_total
-            state.data = {"counters": streams.counters()}
+            state.data = {"counters": {k: int(totals.get(k, 0)) for k in COUNTERS}, "before_epoch_by_slot": by_slot}
             state.save(run_dir, cfg.checkpoint.keep_last, config=cfg_dict, digest=digest,
                        world_size=dist.world_size)
         dist.barrier()
 
     status = "done"
     samples_per_task = cfg.episodes.n_way * (cfg.episodes.k_shot + cfg.episodes.q_query)
-    bar = progress(cfg.optim.steps, dist.is_main, desc="meta-pretrain")
+    bar = progress(cfg.optim.steps, dist.is_main, desc="meta-pretrain", every_s=cfg.tracking.progress_every_s)
     bar.update(step)
     with PreemptionHandler() as preemption, tracker:
         while step < cfg.optim.steps:
@@ -225,6 +289,8 @@ def _train(cfg: PretrainConfig, cfg_dict: dict, dist: Distributed) -> dict:
                     **{f"data/{k}": v for k, v in counters.items()},
                 )
                 tracker.log(log, step=step)
+                if "outer_loss" in log:
+                    bar.set_postfix(outer_loss=log["outer_loss"])
             if step % cfg.checkpoint.every == 0 or step == cfg.optim.steps:
                 save()
             if dist.any(preemption.requested):

@@ -2,7 +2,10 @@
 
     python -m pipeline.report <runs_root> [--out DIR]
 
-Reads every ``results.json`` under ``runs_root`` (datasets x methods x seeds, any layout). Per dataset
+Reads every ``results.json`` under ``runs_root`` (datasets x methods x seeds, any layout). A file that
+cannot be used (truncated or invalid JSON, not an object, a missing or mistyped field) is skipped, named
+in a warning line on stderr and counted in the printed summary and in ``report.md``; when no file is
+usable the report fails. Per dataset
 and method: mean +- std over seeds of base and new accuracy, and HM = 2BN/(B+N) of the two means.
 Overall per method (datasets it has base and new results for): HM of the mean base and the mean new
 over datasets (docs/ARCHITECTURE.md section 6). Other-dataset targets (domain generalization, cross-dataset) get
@@ -16,28 +19,108 @@ import argparse
 import csv
 import io
 import json
+import math
 import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
 
+from pipeline.config import ConfigError
 from pipeline.evaluation import RESULTS_FILE, harmonic_mean
 from pipeline.fileio import atomic_write, atomic_write_text
 
+SUBSETS = ("base", "new", "all")
+DEFAULT_SUBSETS = ("base", "new")
+"""What a ``results.json`` must hold when it does not record ``config.eval.subsets`` (the protocol's default)."""
 
-def collect(root: str | Path) -> list[dict]:
-    """One row per ``results.json``: dataset, name, seed, base/new/all accuracy, targets, run dir."""
-    rows = []
+
+class NoResults(ConfigError, FileNotFoundError):
+    """``runs_root`` holds no usable ``results.json`` (none at all, or every one was skipped)."""
+
+
+class MalformedResults(ValueError):
+    """A ``results.json`` that the report cannot use; the message says why."""
+
+
+def _accuracy(value, where: str) -> float:
+    if not isinstance(value, dict):
+        raise MalformedResults(f"{where} is {type(value).__name__}, not an object with an accuracy")
+    if "accuracy" not in value:
+        raise MalformedResults(f"{where} has no 'accuracy'")
+    acc = value["accuracy"]
+    if isinstance(acc, bool) or not isinstance(acc, int | float) or not math.isfinite(acc):
+        raise MalformedResults(f"{where}.accuracy={acc!r} is not a finite number")
+    return float(acc)
+
+
+def parse_results(r) -> dict:
+    """One report row from the parsed content of a ``results.json``; :class:`MalformedResults` says why not.
+
+    Needs ``dataset`` (text), ``seed`` (integer), ``name`` or ``method`` (text), and an accuracy for every
+    class subset the run evaluated: ``config.eval.subsets`` when the file records it, else base and new.
+    Optional subsets (``all``) and ``targets`` must be well formed when present.
+    """
+    if not isinstance(r, dict):
+        raise MalformedResults(f"top level is a JSON {type(r).__name__}, not an object")
+    for key in ("dataset", "seed"):
+        if key not in r:
+            raise MalformedResults(f"missing key {key!r}")
+    if not isinstance(r["dataset"], str) or not r["dataset"]:
+        raise MalformedResults(f"dataset={r['dataset']!r} is not a dataset name")
+    if isinstance(r["seed"], bool) or not isinstance(r["seed"], int):
+        raise MalformedResults(f"seed={r['seed']!r} is not an integer")
+    name = r.get("name") or r.get("method")
+    if not isinstance(name, str) or not name:
+        raise MalformedResults("missing key 'name' or 'method' (the method label)")
+    subsets = DEFAULT_SUBSETS
+    cfg_eval = r.get("config", {}).get("eval", {}) if isinstance(r.get("config"), dict) else {}
+    if isinstance(cfg_eval, dict) and isinstance(cfg_eval.get("subsets"), list | tuple):
+        subsets = tuple(cfg_eval["subsets"])
+    row = {"dataset": r["dataset"], "name": name, "seed": r["seed"]}
+    for s in SUBSETS:
+        if s in r:
+            row[s] = _accuracy(r[s], s)
+        elif s in subsets:
+            raise MalformedResults(f"missing key {s!r} (the run evaluated {', '.join(subsets)})")
+    targets = r.get("targets", {})
+    if not isinstance(targets, dict):
+        raise MalformedResults(f"targets is {type(targets).__name__}, not an object")
+    row["targets"] = {k: _accuracy(v, f"targets.{k}") for k, v in targets.items()}
+    return row
+
+
+def read_results(path: Path) -> dict:
+    """The report row of one ``results.json`` file; :class:`MalformedResults` names what is wrong."""
+    try:
+        r = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise MalformedResults(f"not UTF-8 text ({e.reason})") from None
+    except json.JSONDecodeError as e:  # truncated by a killed writer, or edited by hand
+        raise MalformedResults(f"invalid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except OSError as e:
+        raise MalformedResults(f"unreadable ({e.strerror or e})") from None
+    return {**parse_results(r), "run_dir": str(path.parent)}
+
+
+def collect(root: str | Path) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Rows (one per usable ``results.json``: dataset, name, seed, base/new/all accuracy, targets, run dir)
+    and the skipped files as ``(path, reason)``; each skip is also a warning line on stderr."""
+    rows, skipped = [], []
     for path in sorted(Path(root).rglob(RESULTS_FILE)):
-        r = json.loads(path.read_text())
-        row = {"dataset": r["dataset"], "name": r.get("name") or r["method"], "seed": r["seed"],
-               "run_dir": str(path.parent)}
-        for s in ("base", "new", "all"):
-            if isinstance(r.get(s), dict):
-                row[s] = r[s]["accuracy"]
-        row["targets"] = {k: v["accuracy"] for k, v in r.get("targets", {}).items()}
-        rows.append(row)
-    return rows
+        try:
+            rows.append(read_results(path))
+        except MalformedResults as e:
+            skipped.append((str(path), str(e)))
+            print(f"warning: results file skipped: {path}: {e}", file=sys.stderr, flush=True)
+    return rows, skipped
+
+
+def skipped_summary(skipped: list[tuple[str, str]]) -> list[str]:
+    """``N results file(s) skipped:`` and one ``<path>: <reason>`` line per file; empty when none."""
+    if not skipped:
+        return []
+    head = f"{len(skipped)} results file{'s' if len(skipped) != 1 else ''} skipped:"
+    return [head, *(f"{path}: {reason}" for path, reason in skipped)]
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -153,8 +236,12 @@ def plot_curves(rows: list[dict], path: Path, metric: str = "reg_step/task") -> 
     for r in rows:
         f = Path(r["run_dir"]) / "metrics.jsonl"
         if f.exists():
-            pts = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
-            pts = [(p["step"], p[metric]) for p in pts if metric in p]
+            try:
+                pts = [json.loads(x) for x in f.read_text(encoding="utf-8").splitlines() if x.strip()]
+            except (ValueError, OSError) as e:  # e.g. a line cut by a killed run: the table does not need it
+                print(f"warning: training curve skipped: {f}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                continue
+            pts = [(p["step"], p[metric]) for p in pts if isinstance(p, dict) and "step" in p and metric in p]
             if pts:
                 series.append((f"{r['dataset']}/{r['name']}/seed{r['seed']}", pts))
     if not series:
@@ -173,18 +260,26 @@ def plot_curves(rows: list[dict], path: Path, metric: str = "reg_step/task") -> 
 
 def report(root: str | Path, out: str | Path | None = None) -> dict:
     """Write the report files for the runs under ``root``; returns paths and the aggregate."""
-    rows = collect(root)
+    if not Path(root).is_dir():
+        raise NoResults(f"runs_root: {root} is not a folder")
+    rows, skipped = collect(root)
     if not rows:
-        raise FileNotFoundError(f"no {RESULTS_FILE} under {root}")
+        why = f"; all {len(skipped)} were skipped: " + "; ".join(skipped_summary(skipped)[1:]) if skipped else ""
+        raise NoResults(f"no usable {RESULTS_FILE} under {root}{why}")
     out = Path(out or root)
     out.mkdir(parents=True, exist_ok=True)
     agg = aggregate(rows)
     text = markdown(agg)
-    atomic_write_text(out / "report.md", f"# Results under {root}\n\n{text}", encoding="utf-8")
+    doc = f"# Results under {root}\n\n{text}"
+    if skipped:  # in the report itself, so a table that lacks runs says so
+        doc += "\n" + skipped_summary(skipped)[0] + "\n\n" + "".join(f"- `{path}`: {reason}\n"
+                                                                   for path, reason in skipped)
+    atomic_write_text(out / "report.md", doc, encoding="utf-8")
     write_csv(agg, out / "report.csv")
     plot_accuracy(agg, out / "report_accuracy.png")
     curves = plot_curves(rows, out / "report_curves.png")
-    return {"markdown": text, "aggregate": agg, "runs": len(rows), "out": str(out), "curves": curves}
+    return {"markdown": text, "aggregate": agg, "runs": len(rows), "out": str(out), "curves": curves,
+            "skipped": skipped}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,8 +291,12 @@ def main(argv: list[str] | None = None) -> int:
     result = report(args.runs_root, args.out)
     print(result["markdown"])
     print(f"report: {result['runs']} runs -> {result['out']}/report.md, report.csv, report_*.png")
+    for line in skipped_summary(result["skipped"]):
+        print(f"report: {line}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline.config import run_main  # user errors: one line on stderr, exit status 2
+
+    raise SystemExit(run_main(main))

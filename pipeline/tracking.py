@@ -61,12 +61,17 @@ class TrackingConfig:
     """W&B tags (each at most 64 characters)."""
     log_every: int = 10
     """Log training metrics every this many steps (see :meth:`Tracker.should_log`)."""
+    progress_every_s: float = 60.0
+    """When stderr is not a terminal (SLURM logs), print one progress line (step, rate, ETA, loss) every this
+    many seconds instead of a progress bar; 0 = none. On a terminal a tqdm bar is shown."""
 
     def validate(self) -> None:
         if self.wandb_mode not in WANDB_MODES:
             raise ConfigError(f"tracking.wandb_mode={self.wandb_mode!r}: expected one of {WANDB_MODES}")
         if self.log_every < 1:
             raise ConfigError(f"tracking.log_every={self.log_every} must be >= 1")
+        if self.progress_every_s < 0:
+            raise ConfigError(f"tracking.progress_every_s={self.progress_every_s} must be >= 0 (0 = no lines)")
         if self.wandb_mode != "disabled" and not self.project:
             raise ConfigError("tracking.project must not be empty unless tracking.wandb_mode=disabled")
         for tag in self.tags:
@@ -221,11 +226,64 @@ class Tracker:
         self.finish(exit_code=0 if exc_type is None else 1)
 
 
+class LineProgress:
+    """Progress for logs that are not a terminal: one line on stderr every ``every_s`` seconds,
+    ``<desc>: step 120/2000 (6%), 3.1 steps/s, ETA 10m07s, outer_loss=1.234``, and one at the end.
+
+    Offers the part of tqdm's interface the loops use (``update``, ``set_postfix``, ``close``).
+    """
+
+    def __init__(self, total: int, desc: str, every_s: float, stream=None):
+        self.total, self.desc, self.every_s = total, desc, every_s
+        self.stream = stream if stream is not None else sys.stderr
+        self.n, self._start_n = 0, None
+        self._t0 = self._last = time.monotonic()
+        self.postfix: dict[str, Any] = {}
+
+    def update(self, n: int = 1) -> None:
+        """Advance by ``n`` steps. The first call sets the starting position (the loops pass the step they
+        resume from, often 0), so a resumed run's rate and ETA count only the steps it ran itself."""
+        self.n += n
+        now = time.monotonic()
+        if self._start_n is None:
+            self._start_n, self._t0, self._last = self.n, now, now
+            return
+        if now - self._last >= self.every_s:
+            self._last = now
+            self._print(now)
+
+    def set_postfix(self, **values: Any) -> None:
+        """Values shown at the end of the next line (e.g. the latest loss)."""
+        self.postfix.update(values)
+
+    def _print(self, now: float) -> None:
+        done = self.n - (self._start_n or 0)
+        rate = done / max(now - self._t0, 1e-9)
+        parts = [f"{self.desc}: step {self.n}/{self.total} ({100 * self.n / max(self.total, 1):.0f}%)",
+                 f"{rate:.2f} steps/s"]
+        if rate > 0 and self.total > self.n:
+            eta = int((self.total - self.n) / rate)
+            parts.append(f"ETA {eta // 3600}h{eta % 3600 // 60:02d}m{eta % 60:02d}s")
+        parts += [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.postfix.items()]
+        print(", ".join(parts), file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.n:
+            self._print(time.monotonic())
+
+
 def progress(iterable_or_total: Iterable | int, is_main: bool, desc: str = "", force: bool = False,
-             **kwargs: Any) -> tqdm:
+             every_s: float = 0.0, **kwargs: Any) -> tqdm | LineProgress:
     """A tqdm bar on the main rank only; also off when stderr is not a terminal (SLURM logs) unless
-    ``force``. Pass an iterable to wrap it, or an int for a bar updated by hand (``bar.update(n)``)."""
-    disable = not is_main or not (force or sys.stderr.isatty())
+    ``force``. Pass an iterable to wrap it, or an int for a bar updated by hand (``bar.update(n)``).
+
+    With ``every_s > 0`` and an ``int`` total, a non-terminal stderr gets :class:`LineProgress` lines on
+    the main rank instead of nothing.
+    """
+    tty = force or sys.stderr.isatty()
+    if isinstance(iterable_or_total, int) and is_main and not tty and every_s > 0:
+        return LineProgress(iterable_or_total, desc, every_s)
+    disable = not is_main or not tty
     if isinstance(iterable_or_total, int):
         return tqdm(total=iterable_or_total, desc=desc, disable=disable, **kwargs)
     return tqdm(iterable_or_total, desc=desc, disable=disable, **kwargs)

@@ -33,7 +33,7 @@ from pipeline.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, flatten
 
 log = logging.getLogger(__name__)
 
@@ -117,13 +117,58 @@ class TrainState:
         """Atomically write the state (plus ``extra`` plain data) as the checkpoint of ``self.step``."""
         return save_checkpoint(run_dir, self.step, {**extra, **self.state_dict()}, keep_last)
 
-    def resume(self, run_dir: str | Path) -> Path | None:
-        """Restore from the newest loadable checkpoint in ``run_dir``; returns its path, or ``None``."""
+    def resume(self, run_dir: str | Path, config: dict[str, Any] | None = None,
+               applied: tuple[str, ...] = ()) -> Path | None:
+        """Restore from the newest loadable checkpoint in ``run_dir``; returns its path, or ``None``.
+
+        With ``config`` (this run's config dict), the config the checkpoint was written under is compared
+        first: keys under the ``applied`` prefixes may change on resume (each change is logged and takes
+        effect from here on); any other change raises :class:`ConfigError` listing the keys, so the
+        recorded config is always the one in effect.
+        """
         path = latest_checkpoint(run_dir)
-        if path is not None:
-            self.load_state_dict(load_checkpoint(path, map_location="cpu"), where=str(path))
-            log.info("resumed from %s (step %d)", path, self.step)
+        if path is None:
+            return None
+        state = load_checkpoint(path, map_location="cpu")
+        if config is not None:
+            if isinstance(state.get("config"), dict):
+                check_resume_config(state["config"], config, applied, where=str(path))
+            else:
+                log.warning("%s records no config (written by an older version): config changes since the run "
+                            "started cannot be checked", path)
+        self.load_state_dict(state, where=str(path))
+        log.info("resumed from %s (step %d)", path, self.step)
         return path
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (old value, new value)}`` of every setting that differs (``None`` where absent).
+
+    Lists and tuples compare equal when their items do (JSON turns tuples into lists).
+    """
+    a, b = flatten(old), flatten(new)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if _plain(a.get(k)) != _plain(b.get(k))}
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, list | tuple) else value
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def check_resume_config(old: dict[str, Any], new: dict[str, Any], applied: tuple[str, ...], where: str) -> None:
+    """Refuse a resume whose config changed outside the ``applied`` keys; log the applied changes."""
+    changes = config_changes(old, new)
+    refused = {k: v for k, v in changes.items() if not _under(k, applied)}
+    if refused:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(refused.items())[:8])
+        raise ConfigError(f"{where} was written under another config, and these settings cannot change when a run "
+                          f"resumes: {listed}. Resume with the original values, or start a new run folder "
+                          f"(settings that may change on resume: {', '.join(applied) or 'none'})")
+    for k, (a, b) in changes.items():
+        log.warning("resume: %s changed %r -> %r (applied from the resumed step on)", k, a, b)
 
 
 def upgrade_state(state: dict[str, Any]) -> dict[str, Any]:

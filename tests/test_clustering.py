@@ -10,7 +10,14 @@ from sklearn.metrics import adjusted_rand_score
 
 from pipeline import cluster
 from pipeline.data.clustering import Hierarchy, clean_caption, fit_hierarchy, fit_name_to_tokens
-from pipeline.data.features import ShardFeatures, finished_stems, write_features
+from pipeline.data.features import (
+    ShardFeatures,
+    finished_stems,
+    read_assignments,
+    read_features,
+    write_features,
+)
+from pipeline.data.sample_checks import sample_digest
 
 
 def planted(seed=0, domains=4, concepts=5, per=40, d=32):
@@ -68,12 +75,15 @@ def test_names():
     assert fit_name_to_tokens("a b c d e f", lambda s: len(s.split()) * 2, budget=6) == "a b c"
 
 
-def _write_shards(tmp_path, image, text, captions, n_shards=3):
+def _write_shards(tmp_path, image, text, captions, n_shards=3, digests=True):
+    """Feature files as ``pipeline extract`` writes them (``digests=False``: as before content fingerprints)."""
     feats = tmp_path / "features"
     for s, rows in enumerate(np.array_split(np.arange(len(image)), n_shards)):
+        caps = np.array([captions[i] for i in rows], dtype=object)
+        digest = np.array([sample_digest(c, 1000 + i) for c, i in zip(caps, rows)], dtype=np.uint64)
         write_features(feats, f"{s:06d}", ShardFeatures(
-            np.array([f"{s}-{i}" for i in rows]), np.array([captions[i] for i in rows]),
-            image[rows].astype(np.float16), text[rows].astype(np.float16)))
+            np.array([f"{s}-{i}" for i in rows], dtype=object), caps,
+            image[rows].astype(np.float16), text[rows].astype(np.float16), digest if digests else None))
     return feats
 
 
@@ -95,8 +105,10 @@ def test_cli_all_and_array_modes_agree(tmp_path):
         assert cluster.main([*common, f"out_dir={b}", "mode=assign", f"shard={i}"]) == 0
     assert cluster.main([*common, f"out_dir={b}", "mode=summarize"]) == 0
     for s in range(3):
-        za, zb = np.load(out / "assign" / f"{s:06d}.npz"), np.load(b / "assign" / f"{s:06d}.npz")
-        assert np.array_equal(za["concept"], zb["concept"]) and np.array_equal(za["keys"], zb["keys"])
+        za, zb = read_assignments(out / "assign" / f"{s:06d}.npz"), read_assignments(b / "assign" / f"{s:06d}.npz")
+        assert np.array_equal(za.concept, zb.concept) and np.array_equal(za.keys, zb.keys)
+        # the assignments carry the content binding of the feature file they were computed from
+        assert za.fingerprint == read_features(feats / f"{s:06d}.npz").fingerprint is not None
     h = Hierarchy.load(b / "hierarchy.npz")
     assert h.n_domains == 4 and len(h.names) == h.n_concepts
 

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline.cli import SCHEMAS, schema_for
 from pipeline.config import (
     ConfigError,
+    ConfigLoader,
     ModelConfig,
     dump_yaml,
     from_dict,
     load_config,
+    read_yaml,
     to_dict,
 )
 
@@ -88,3 +92,58 @@ def test_yaml_cannot_construct_objects(tmp_path):
     with pytest.raises(Exception) as e:
         load_config(ModelConfig, f)
     assert "python/object" in str(e.value)
+
+
+# ----------------------------------------------------------------------------- YAML syntax and duplicate keys
+@pytest.mark.parametrize("text, where, problem", [
+    ("prompts:\n  n_ctx_text: [2, 3\n  depth_text: 1\n", "line 3, column 13", r"expected ',' or '\]'"),
+    ("prompts:\n\tn_ctx_text: 2\n", "line 2, column 1", r"found character '\\t'"),
+    ("prompts:\n  type: coop\n seed: 2\n", "line 3, column 2", r"expected <block end>"),
+    ("seed: 'one\n", "line 2, column 1", r"unexpected end of stream \(while scanning a quoted scalar at line 1"),
+    ("seed: *nope\n", "line 1, column 7", r"found undefined alias 'nope'"),
+])
+def test_yaml_syntax_errors_name_file_line_and_column(tmp_path, text, where, problem):
+    f = tmp_path / "broken.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(ModelConfig, f)
+    assert str(e.value).startswith(f"{f}: YAML syntax error at {where}: "), str(e.value)
+    assert re.search(problem, str(e.value)), str(e.value)
+    assert "python tags" not in str(e.value)  # the old message blamed a refused tag
+
+
+@pytest.mark.parametrize("text, key, line, first", [
+    ("seed: 1\nprompts:\n  type: coop\nseed: 2\n", "seed", 4, 1),  # top level
+    ("prompts:\n  n_ctx_text: 4\n  depth_text: 2\n  n_ctx_text: 8\n", "n_ctx_text", 4, 2),  # nested
+    ("prompts: {type: coop, type: vpt}\n", "type", 1, 1),  # flow mapping
+    ("backbone:\n  arch: a\n'arch': b\nbackbone: {}\n", "backbone", 4, 1),  # quoting does not make it another key
+])
+def test_duplicate_yaml_keys_are_refused(tmp_path, text, key, line, first):
+    f = tmp_path / "dup.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(ModelConfig, f)
+    assert f"{f}: duplicate key {key!r} at line {line} (first given at line {first})" in str(e.value)
+
+
+def test_duplicate_keys_in_different_sections_and_merges_are_fine(tmp_path):
+    """Positive controls: the same name in two sections, and a YAML merge overridden by an explicit key."""
+    f = tmp_path / "ok.yaml"
+    f.write_text("defaults: &d {n_ctx_text: 2, depth_text: 2}\n")
+    assert read_yaml(f) == {"defaults": {"n_ctx_text": 2, "depth_text": 2}}
+    f.write_text("base: &d {n_ctx_text: 2, depth_text: 2}\nprompts:\n  <<: *d\n  n_ctx_text: 6\n")
+    assert read_yaml(f)["prompts"] == {"n_ctx_text": 6, "depth_text": 2}
+    f.write_text("prompts:\n  type: coop\nbackbone:\n  arch: tiny-vit\nseed: 3\n")
+    cfg = load_config(ModelConfig, f)
+    assert (cfg.prompts.type, cfg.backbone.arch, cfg.seed) == ("coop", "tiny-vit", 3)
+
+
+def test_config_loader_keeps_safe_load_semantics(tmp_path):
+    """The loader is a SafeLoader: only the safe constructors, so python tags still build nothing."""
+    assert issubclass(ConfigLoader, yaml.SafeLoader)
+    assert not any("python" in tag for tag in ConfigLoader.yaml_constructors if tag)
+    assert not any("python" in tag for tag in ConfigLoader.yaml_multi_constructors if tag)
+    f = tmp_path / "evil.yaml"
+    f.write_text("seed: !!python/name:os.system ''\n")
+    with pytest.raises(ConfigError, match=r"not a plain-data YAML config .*python/name"):
+        read_yaml(f)

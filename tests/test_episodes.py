@@ -10,6 +10,13 @@ import torch
 
 from pipeline.config import ConfigError
 from pipeline.data.episodes import ConceptTable, EpisodeConfig, EpisodeSampler
+from pipeline.data.features import Assignments, write_assignments
+from pipeline.data.sample_checks import sample_digest
+
+
+def _digest(key: str) -> int:
+    """The content digest the fake samples carry (caption = key, no image bytes)."""
+    return sample_digest(key, 0)
 
 
 def fake_clusters(tmp_path, domains=3, concepts=6, per=30, shards=4, small=()):
@@ -26,9 +33,12 @@ def fake_clusters(tmp_path, domains=3, concepts=6, per=30, shards=4, small=()):
     rng = np.random.default_rng(0)
     order = rng.permutation(len(rows))
     for s, part in enumerate(np.array_split(order, shards)):
-        np.savez(tmp_path / "assign" / f"{s:06d}.npz", keys=np.array([rows[i][0] for i in part]),
-                 concept=np.array([rows[i][1] for i in part]))
-    stream = [{"key": rows[i][0], "url": f"/data/{s:06d}.tar", "concept": rows[i][1]}
+        keys = np.array([rows[i][0] for i in part], dtype=object)
+        concept = np.array([rows[i][1] for i in part])
+        write_assignments(tmp_path / "assign" / f"{s:06d}.npz", Assignments(
+            keys, keys, concept // concepts, concept, np.ones(len(keys), np.float32),
+            np.array([_digest(k) for k in keys], dtype=np.uint64)))
+    stream = [{"key": rows[i][0], "url": f"/data/{s:06d}.tar", "concept": rows[i][1], "digest": _digest(rows[i][0])}
               for s, part in enumerate(np.array_split(order, shards)) for i in part]
     return stream
 

@@ -539,3 +539,107 @@ def test_yaml_alias_bomb_is_refused_quickly(tmp_path):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+# ----------------------------------------------------------------------------- YAML syntax, duplicate keys
+def _stage_calls(f: Path, task_data, data_root, tmp_path) -> list:
+    """Every stage that reads a YAML file, given ``f`` (pretrain, finetune, extract, cluster)."""
+    return [
+        lambda: pretrain.main(["--config", str(f), *pretrain_overrides(task_data, tmp_path / "run")]),
+        lambda: finetune.main(["--config", str(f), *finetune_overrides(data_root, tmp_path / "ft")]),
+        lambda: extract.main(["--config", str(f)]),
+        lambda: cluster.main(["--config", str(f)]),
+    ]
+
+
+def test_yaml_syntax_error_names_file_line_and_column(task_data, data_root, tmp_path):
+    """Before: `not a plain-data YAML config (... python tags are refused ...)`, blaming a tag that is not there."""
+    f = tmp_path / "broken.yaml"
+    f.write_text("episodes:\n  n_way: 2\n  k_shot: [1\n")
+    for call in _stage_calls(f, task_data, data_root, tmp_path):
+        msg = fails_before_training(call, re.escape(f"{f}: YAML syntax error at line 4, column 1: expected ',' or ']'")
+                                    + r".*\(while parsing a flow sequence at line 3, column 11\)", tmp_path / "run")
+        assert "python tags" not in msg
+
+
+def test_duplicate_yaml_keys_are_refused_naming_key_and_line(task_data, data_root, tmp_path):
+    """Before: `safe_load` kept the last value silently (here n_way=3, and a finetune seed of 2)."""
+    f = tmp_path / "dup.yaml"
+    f.write_text("episodes:\n  n_way: 2\n  k_shot: 1\n  n_way: 3\n")
+    for call in _stage_calls(f, task_data, data_root, tmp_path):
+        fails_before_training(call, re.escape(f"{f}: duplicate key 'n_way' at line 4 (first given at line 2)"),
+                              tmp_path / "run")
+    f.write_text("seed: 1\nname: a\nseed: 2\n")
+    fails_before_training(lambda: finetune.main(["--config", str(f), *finetune_overrides(data_root, tmp_path / "ft")]),
+                          re.escape(f"{f}: duplicate key 'seed' at line 3 (first given at line 1)"), tmp_path / "ft")
+
+
+# ----------------------------------------------------------------------------- one-line errors on the command line
+ROOT = Path(__file__).resolve().parents[1]
+ENTRY_MODULES = ["pipeline/pretrain.py", "pipeline/finetune.py", "pipeline/evaluate.py", "pipeline/extract.py",
+                 "pipeline/cluster.py", "pipeline/report.py", "pipeline/data/shard_writer.py",
+                 "pipeline/digits_demo/run.py", "pipeline/digits_demo/data.py"]
+
+
+def _raises(exc: BaseException):
+    def main(argv):
+        raise exc
+    return main
+
+
+def test_user_errors_are_one_line_with_exit_status_2(tmp_path, capsys, monkeypatch):
+    """run_main: config, checkpoint and artifact errors -> `error: <message>` on stderr, status 2; bugs keep
+    their traceback; PIPELINE_TRACEBACK=1 keeps it for user errors too; main(argv) itself still raises."""
+    from pipeline import cli
+    from pipeline.checkpoint import CheckpointError, UnsafeCheckpointError
+    from pipeline.config import run_main
+
+    monkeypatch.delenv("PIPELINE_TRACEBACK", raising=False)
+    user = [ConfigError("seed: bad\n  value"), CheckpointError("x.pt: unreadable (truncated or corrupt)"),
+            UnsafeCheckpointError("x.pt: refusing to load"), ValueError("incompatible artifact: prompts.text shape")]
+    for exc in user:
+        assert run_main(_raises(exc)) == 2
+        captured = capsys.readouterr()
+        assert captured.err == "error: " + " ".join(str(exc).split()) + "\n" and captured.out == ""
+    for bug in (ValueError("a bug"), KeyError("k"), RuntimeError("r"), TypeError("t")):
+        with pytest.raises(type(bug)):
+            run_main(_raises(bug))
+    monkeypatch.setenv("PIPELINE_TRACEBACK", "1")
+    with pytest.raises(ConfigError):
+        run_main(_raises(ConfigError("x")))
+    monkeypatch.delenv("PIPELINE_TRACEBACK")
+    # `pipeline <command>` (the console script) dispatches through run_main
+    missing = tmp_path / "nope.yaml"
+    assert cli.main(["pretrain", "--config", str(missing)]) == 2
+    assert capsys.readouterr().err == f"error: config file {missing}: no such file\n"
+    with pytest.raises(ConfigError, match="no such file"):  # called from Python, main raises as before
+        pretrain.main(["--config", str(missing)])
+
+
+@pytest.mark.parametrize("path", ENTRY_MODULES)
+def test_every_entry_point_reports_user_errors_through_run_main(path):
+    """Static: each entry module's `if __name__ == "__main__":` block runs main through run_main."""
+    import ast
+
+    tree = ast.parse((ROOT / path).read_text())
+    last = tree.body[-1]
+    assert isinstance(last, ast.If) and "__main__" in ast.unparse(last.test), f"{path}: no __main__ block at the end"
+    assert "run_main(main)" in ast.unparse(last), f"{path}: the __main__ block does not call run_main(main)"
+    assert "run_main(module.main, rest)" in (ROOT / "pipeline" / "cli.py").read_text()
+
+
+@pytest.mark.parametrize("command", [["-m", "pipeline.pretrain"], ["pipeline/pretrain.py"]],
+                         ids=["python -m", "script (as accelerate launch runs it)"])
+def test_command_line_prints_one_line_and_exits_2(tmp_path, command):
+    """A bad config on the real command line: one `error:` line, status 2, no Python traceback."""
+    import subprocess
+    import sys
+
+    f = tmp_path / "dup.yaml"
+    f.write_text("seed: 1\nseed: 2\n")
+    out = subprocess.run([sys.executable, *command, "--config", str(f)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert out.stderr.splitlines()[-1] == (f"error: {f}: duplicate key 'seed' at line 2 (first given at line 1); "
+                                           "each key may appear once per section")

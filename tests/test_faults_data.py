@@ -30,6 +30,7 @@ from PIL import Image, ImageFile
 from pipeline.config import ConfigError
 from pipeline.data.config import ShardDataConfig
 from pipeline.data.episodes import EpisodeConfig
+from pipeline.data.features import read_assignments, write_assignments
 from pipeline.data.shards import NoUsableData, build_shard_loader
 from pipeline.data.sources import iter_tar_samples
 from pipeline.data.task_stream import COUNTERS, SlotStream, TaskDataConfig, slot_loader
@@ -45,6 +46,7 @@ from tests.helpers.bad_shards import (
     write_empty_tar,
     write_tar,
 )
+from tests.helpers.tasks import plant_assignments
 
 FAST_S = 10.0  # "fails fast": every hopeless-data test must raise well within this many seconds
 
@@ -353,8 +355,7 @@ def _task_data(root: Path, faults: tuple[str, ...] = (), n_shards: int = 4, per_
         for c in concept_of.values():
             sizes[c] += 1
         write_tar(shards / f"{s:06d}.tar", samples)
-        np.savez(clusters / "assign" / f"{s:06d}.npz", keys=np.array(list(concept_of)),
-                 concept=np.array(list(concept_of.values())))
+        plant_assignments(shards / f"{s:06d}.tar", clusters / "assign" / f"{s:06d}.npz", concept_of)
     concepts_json = [{"id": c, "domain": DOMAIN_OF[c], "name": f"thing {c}", "size": sizes[c], "examples": []}
                      for c in range(N_CONCEPTS)]
     (clusters / "concepts.json").write_text(json.dumps(concepts_json))
@@ -444,9 +445,9 @@ def test_hopeless_task_stream_raises_instead_of_waiting_forever(tmp_path, case, 
     elif case == "clusters_of_other_shards":
         data = _task_data(tmp_path, ())
         for path in Path(data["clusters_dir"], "assign").glob("*.npz"):  # same shard names, other keys
-            with np.load(path) as z:
-                keys, concept = np.char.add("other-", z["keys"]), z["concept"]
-            np.savez(path, keys=keys, concept=concept)
+            a = read_assignments(path)
+            a.keys = np.array([f"other-{k}" for k in a.keys], dtype=object)
+            write_assignments(path, a)
     else:  # domain 1 lives in shards 1 and 3, which are gone: a cross-domain query can never be formed
         data = _task_data(tmp_path, (), domains_by_shard=True)
         for s in (1, 3):

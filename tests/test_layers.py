@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("pipeline.fileio", "pipeline.config")),
     ("infrastructure", ("pipeline.inputs", "pipeline.distributed", "pipeline.checkpoint", "pipeline.train_state",
-                        "pipeline.tracking")),
+                        "pipeline.run_lock", "pipeline.tracking")),
     ("model", ("pipeline.backbone", "pipeline.prompts", "pipeline.zeroshot")),
     ("data", ("pipeline.data",)),
     ("meta", ("pipeline.meta",)),

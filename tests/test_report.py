@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import statistics
 
 import pytest
 
 from pipeline import report
+from pipeline.config import ConfigError
 from pipeline.evaluate import harmonic_mean
 
 # docs/ARCHITECTURE.md section 6: 11-dataset averages (base, new, HM), ViT-B/16.
@@ -71,3 +73,98 @@ def test_report_from_a_tree_of_runs(tmp_path):
 def test_report_without_runs_fails_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="results.json"):
         report.report(tmp_path)
+
+
+# ----------------------------------------------------------------------------- malformed results.json
+def _good_tree(root):
+    for seed, (b, n) in enumerate([(90, 60), (92, 64)], start=1):
+        _write(root, "EuroSAT", "ivlp", seed, b, n)
+
+
+def _bad_file(root, content: bytes):
+    run = root / "EuroSAT" / "ivlp" / "seed_9"
+    run.mkdir(parents=True)
+    (run / "results.json").write_bytes(content)
+    return run / "results.json"
+
+
+GOOD = {"dataset": "EuroSAT", "method": "ivlp", "name": "ivlp", "seed": 9, "base": {"accuracy": 1.0},
+        "new": {"accuracy": 2.0}}
+
+
+def _without(key):
+    return {k: v for k, v in GOOD.items() if k != key}
+
+
+MALFORMED = {
+    "truncated_json": (json.dumps(GOOD)[:40].encode(), r"invalid JSON \(.* at line 1, column \d+\)"),
+    "empty_file": (b"", r"invalid JSON"),
+    "not_utf8": (b"\xff\xfe{}", r"not UTF-8 text"),
+    "list_not_object": (b"[1, 2, 3]", r"top level is a JSON list, not an object"),
+    "null": (b"null", r"top level is a JSON NoneType"),
+    "missing_base": (json.dumps(_without("base")).encode(), r"missing key 'base' \(the run evaluated base, new\)"),
+    "missing_new": (json.dumps(_without("new")).encode(), r"missing key 'new'"),
+    "missing_dataset": (json.dumps(_without("dataset")).encode(), r"missing key 'dataset'"),
+    "missing_seed": (json.dumps(_without("seed")).encode(), r"missing key 'seed'"),
+    "missing_method": (json.dumps({k: v for k, v in GOOD.items() if k not in ("name", "method")}).encode(),
+                       r"missing key 'name' or 'method'"),
+    "base_without_accuracy": (json.dumps({**GOOD, "base": {}}).encode(), r"base has no 'accuracy'"),
+    "base_not_object": (json.dumps({**GOOD, "base": 92.0}).encode(), r"base is float, not an object"),
+    "accuracy_text": (json.dumps({**GOOD, "new": {"accuracy": "64"}}).encode(), r"new.accuracy='64' is not a finite"),
+    "accuracy_nan": (json.dumps({**GOOD, "new": {"accuracy": float("nan")}}).encode(), r"new.accuracy=nan"),
+    "seed_text": (json.dumps({**GOOD, "seed": "1"}).encode(), r"seed='1' is not an integer"),
+    "target_without_accuracy": (json.dumps({**GOOD, "targets": {"ImageNetV2": {}}}).encode(),
+                                r"targets.ImageNetV2 has no 'accuracy'"),
+    "subset_of_its_config_missing": (json.dumps({**_without("new"), "config": {"eval": {"subsets": ["base", "all"]}}})
+                                     .encode(), r"missing key 'all' \(the run evaluated base, all\)"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(MALFORMED))
+def test_malformed_results_are_skipped_named_and_counted(tmp_path, capsys, fault):
+    """A bad results.json next to good ones: skipped, named in a warning, counted on stdout and in report.md."""
+    content, reason = MALFORMED[fault]
+    _good_tree(tmp_path)
+    bad = _bad_file(tmp_path, content)
+    assert report.main([str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    warning = [line for line in err.splitlines() if line.startswith("warning: results file skipped:")]
+    assert len(warning) == 1 and re.search(re.escape(f"{bad}: ") + reason, warning[0]), err
+    assert "report: 1 results file skipped:" in out and re.search(re.escape(f"report: {bad}: ") + reason, out), out
+    md = (tmp_path / "report.md").read_text()
+    assert "1 results file skipped:" in md and re.search(re.escape(f"- `{bad}`: ") + reason, md), md
+    assert "| EuroSAT | ivlp | 2 | 91.00 ± 1.41 | 62.00 ± 2.83 |" in md  # the good runs only
+
+
+def test_results_without_usable_files_fail_naming_them(tmp_path):
+    """Only malformed files: an error (a ConfigError naming runs_root and every file), not an empty table."""
+    bad = _bad_file(tmp_path, b'{"dataset": "EuroSAT", "se')
+    with pytest.raises(ConfigError, match=r"no usable results.json under .*all 1 were skipped: " + re.escape(str(bad))):
+        report.report(tmp_path)
+    with pytest.raises(ConfigError, match=r"runs_root: .*nope is not a folder"):
+        report.report(tmp_path / "nope")
+    assert not (tmp_path / "report.md").exists()
+
+
+def test_results_of_other_subsets_are_not_skipped(tmp_path, capsys):
+    """Positive control: a run that evaluated only `all` (its config says so) or only targets is well formed."""
+    _good_tree(tmp_path)
+    run = tmp_path / "EuroSAT" / "zeroshot" / "seed_1"
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps({
+        "dataset": "EuroSAT", "method": "zeroshot", "seed": 1, "all": {"accuracy": 50.0},
+        "targets": {"DTD": {"accuracy": 40}}, "config": {"eval": {"subsets": ["all"]}}}))
+    result = report.report(tmp_path)
+    assert result["skipped"] == [] and result["runs"] == 3
+    assert "| EuroSAT | zeroshot | 1 | - | - | - | 50.00 ± 0.00 |" in result["markdown"]
+    assert "skipped" not in capsys.readouterr().err
+
+
+def test_truncated_metrics_file_skips_only_its_curve(tmp_path, capsys):
+    """A metrics.jsonl cut mid-line (a killed run) costs that run's curve, with a warning, not the report."""
+    _good_tree(tmp_path)
+    metrics = tmp_path / "EuroSAT" / "ivlp" / "seed_2" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 4, "reg_st')
+    result = report.report(tmp_path)
+    assert result["runs"] == 2 and result["curves"]  # seed 1's curve is still drawn
+    assert f"warning: training curve skipped: {metrics}: JSONDecodeError" in capsys.readouterr().err

@@ -215,3 +215,43 @@ def test_invalid_configs_name_the_key(kwargs, key):
 def test_rank_out_of_range(shard_set):
     with pytest.raises(ValueError, match="rank"):
         build_shard_loader(ShardDataConfig(urls=shard_set[0], resampled=False), rank=2, world_size=2)
+
+
+def _warnings_of(call) -> tuple[object, list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = call()
+    return result, [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("resampled", [False, True], ids=["single_pass", "resampled"])
+def test_many_missing_shards_give_a_few_warning_lines_and_exact_counts(tmp_path, resampled):
+    """40 of 41 shards missing: the reader names the first 5 and says once that it only counts the rest
+    (it printed a line per shard, and per reopening when resampled); bad_shard stays exact."""
+    _write(tmp_path, 4, 4)  # 000000.tar; 000001..000040 do not exist
+    urls = str(tmp_path / "{000000..000040}.tar")
+    cfg = ShardDataConfig(urls=urls, resampled=resampled, epoch_samples=8, batch_size=4, workers=0, shuffle_buffer=0)
+    loader = build_shard_loader(cfg)
+    keys, messages = _warnings_of(lambda: _keys(loader))
+    named = [m for m in messages if m.startswith("skipping unreadable shard")]
+    assert len(named) == 5 and len(messages) == 6, messages
+    assert "further ones are skipped without a warning and counted under bad_shard" in messages[-1]
+    if resampled:  # every opening of a missing shard is counted, named or not
+        assert len(keys) == 8 and loader.stats["bad_shard"] > 5
+    else:
+        assert sorted(keys) == [f"{i:09d}" for i in range(4)] and loader.stats["bad_shard"] == 40
+
+
+def test_start_up_url_check_gives_one_line_over_every_source(tmp_path):
+    """Missing shards in two sources: one warning naming the first 5 and counting the rest (was: one line per
+    source, each naming only the first)."""
+    from pipeline.data.sources import check_shard_urls
+
+    for folder in ("a", "b"):
+        _write(tmp_path / folder, 2, 1)  # 000000.tar and 000001.tar exist; up to 000499 do not
+    urls = f"{tmp_path / 'a'}/{{000000..000499}}.tar::{tmp_path / 'b'}/{{000000..000499}}.tar"
+    out, messages = _warnings_of(lambda: check_shard_urls(urls, "data.urls"))
+    assert len(out) == 1000 and len(messages) == 1, messages
+    assert messages[0].startswith("data.urls: 996 of 1000 shard files do not exist (")
+    assert messages[0].count(".tar") == 5 and "and 991 more); they will be skipped" in messages[0]
+    assert len(messages[0]) < 600

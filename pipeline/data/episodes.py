@@ -9,7 +9,9 @@ episode's images are drawn from what was recently streamed, which the shuffle bu
 
 Each sample's concept is looked up in the per-shard assignment file of the shard it came from
 (``assign/<shard>.npz`` from ``pipeline cluster``), loaded lazily and kept in a small LRU, so memory does
-not grow with the number of samples.
+not grow with the number of samples. The lookup also compares the sample's content digest with the one
+recorded at extraction and raises on a mismatch (a clustering of another shard set with the same file
+names and keys; see :mod:`pipeline.data.features`).
 
 Randomness is seeded per (seed, rank, worker); the stream order is deterministic for a given seed, so the
 same seed gives the same episodes. Whether an episode's query is cross-domain is drawn *before* waiting
@@ -30,7 +32,7 @@ import torch
 from torch import Tensor
 
 from pipeline.config import ConfigError
-from pipeline.data.features import shard_stem
+from pipeline.data.features import ContentMismatch, read_assignments, shard_stem
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,8 @@ class Episode:
 
 
 class ConceptTable:
-    """Concept metadata (domain, name, size) and lazily loaded per-shard key -> concept lookups."""
+    """Concept metadata (domain, name, size) and lazily loaded per-shard key -> concept lookups, bound to
+    the content the clustering was computed from (docs/ARCHITECTURE.md section 4)."""
 
     def __init__(self, clusters_dir: str | Path, min_size: int, cache: int = 64):
         self.dir = Path(clusters_dir)
@@ -102,29 +105,67 @@ class ConceptTable:
         self.by_domain: dict[int, list[int]] = defaultdict(list)
         for c in sorted(self.eligible):
             self.by_domain[self.domain[c]].append(c)
-        self._cache: OrderedDict[str, dict[str, int]] = OrderedDict()
+        self._cache: OrderedDict[str, dict[str, tuple[int, int]]] = OrderedDict()
         self._cache_size = cache
 
-    def concept_of(self, url: str, key: str) -> int:
-        """Concept id of sample ``key`` from shard ``url`` (-1 when the shard has no assignment)."""
+    def concept_of(self, url: str, key: str, digest: int) -> int:
+        """Concept id of sample ``key`` from shard ``url`` (-1 when the shard or the key has no assignment).
+
+        ``digest`` is the sample's :func:`~pipeline.data.sample_checks.sample_digest`; it must equal the one
+        extraction recorded for that key, or :class:`~pipeline.data.features.ContentMismatch` is raised
+        naming the shard: the assignment was computed from another shard that shares its file name and
+        keys, and every label taken from it would be wrong. The first sample of such a shard raises,
+        before any of its labels is used.
+        """
         stem = shard_stem(url)
         table = self._cache.get(stem)
         if table is None:
-            path = self.dir / "assign" / f"{stem}.npz"
-            table = {}
-            if path.exists():
-                with np.load(path, allow_pickle=False) as z:
-                    table = dict(zip(z["keys"].tolist(), z["concept"].tolist()))
+            table = assignment_table(self.dir / "assign" / f"{stem}.npz", url)
             self._cache[stem] = table
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         else:
             self._cache.move_to_end(stem)
-        return table.get(key, -1)
+        entry = table.get(key)
+        if entry is None:
+            return -1
+        if entry[1] != digest:
+            raise ContentMismatch(mismatch_message(url, key, self.dir / "assign" / f"{stem}.npz"))
+        return entry[0]
 
     def check(self, cfg: EpisodeConfig) -> None:
         """Fail before training when the clustering cannot provide the configured tasks."""
         check_task_widths({d: len(v) for d, v in self.by_domain.items()}, cfg, f"clusters in {self.dir}")
+
+
+def assignment_table(path: Path, url: str) -> dict[str, tuple[int, int]]:
+    """Key -> (concept, content digest) of one shard's assignment file; ``{}`` when there is none.
+
+    Refuses (:class:`~pipeline.data.features.ContentMismatch`, naming the shard) a file written before
+    content fingerprints: its labels cannot be checked against the shard, so they are not used.
+    """
+    if not path.exists():
+        return {}
+    try:
+        a = read_assignments(path)
+    except ContentMismatch:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"{url}: {path} is not an assignment file of `pipeline cluster` ({e})") from None
+    if a.digest is None:
+        raise ContentMismatch(f"{url}: its assignment file {path} was written before content fingerprints, so "
+                              "its labels cannot be checked against this shard; re-run `pipeline extract` (it "
+                              "redoes such feature files) and `pipeline cluster`")
+    return dict(zip(a.keys.tolist(), zip(a.concept.tolist(), a.digest.tolist())))
+
+
+def mismatch_message(url: str, key: str, path: Path) -> str:
+    """The error for a sample whose content differs from the one its assignment was computed from."""
+    return (f"shard {url}: sample {key!r} is not the sample {path} was computed from (its caption or image "
+            "size differs from the content fingerprint recorded at extraction), so the clustering belongs to "
+            "another shard with the same file name and keys and its labels would be wrong; point "
+            "data.clusters_dir at the clustering of these shards, or run `pipeline extract` and "
+            "`pipeline cluster` on them")
 
 
 def check_task_widths(widths: Mapping[int, int], cfg: EpisodeConfig, where: str) -> None:
@@ -145,7 +186,8 @@ def check_task_widths(widths: Mapping[int, int], cfg: EpisodeConfig, where: str)
 
 
 class EpisodeSampler:
-    """Turns a stream of decoded samples ``{"key", "url", "image"}`` into :class:`Episode` s."""
+    """Turns a stream of samples ``{"key", "url", "image", "digest"}`` into :class:`Episode` s (``digest``:
+    the sample's content digest, checked against its assignment by :meth:`ConceptTable.concept_of`)."""
 
     def __init__(self, table: ConceptTable, cfg: EpisodeConfig, seed: int, decode: Callable | None = None):
         table.check(cfg)
@@ -160,7 +202,7 @@ class EpisodeSampler:
     def __call__(self, samples: Iterable[dict]) -> Iterator[Episode]:
         self._pending_cross = pending_cross = self._draw_cross()
         for sample in samples:
-            concept = self.table.concept_of(sample["url"], sample["key"])
+            concept = self.table.concept_of(sample["url"], sample["key"], sample["digest"])
             if concept not in self.table.eligible:
                 self.unassigned += 1
                 continue

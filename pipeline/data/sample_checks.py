@@ -1,11 +1,14 @@
 """Checks of raw samples and streams shared by the shard reader and the stage-1 task streams.
 
 What a skip is counted as (:data:`SKIP_REASONS`) and when a stream that can never deliver gives up
-(:class:`StreamHealth`, :class:`NoUsableData`) are documented in :mod:`pipeline.data.shards`.
+(:class:`StreamHealth`, :class:`NoUsableData`) are documented in :mod:`pipeline.data.shards`. The content
+digest of a sample (:func:`sample_digest`), which binds feature and assignment files to the samples they
+were computed from, is defined here too, because every reader computes it from a checked sample.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import warnings
 from collections import Counter
@@ -95,6 +98,33 @@ def check_sample(s: dict, image_keys: tuple[str, ...], text_key: str, stats: Cou
         stats["empty_caption"] += 1
         return None
     return ext, caption
+
+
+def sample_digest(caption: str, image_nbytes: int) -> int:
+    """The content digest of one sample: 64 bits of BLAKE2b over its checked caption and the byte size of
+    the image member it uses, as an unsigned integer.
+
+    It binds feature files and cluster assignments to the samples they were computed from
+    (docs/ARCHITECTURE.md section 4): an assignment is looked up by (shard file name, key), and the shard
+    writer numbers keys from 0, so two shard sets collide on every key. Both readers compute it from what
+    they read anyway (the caption as :func:`check_sample` returns it, the length of the image bytes), so
+    no pixel is decoded and no image byte hashed; two different images with the same caption and the
+    very same byte size are the one collision it accepts.
+    """
+    h = hashlib.blake2b(f"{int(image_nbytes)}\n{caption}".encode("utf-8", "surrogatepass"), digest_size=8)
+    return int.from_bytes(h.digest(), "little")
+
+
+def raw_sample_digest(s: dict, image_keys: tuple[str, ...], text_key: str) -> int | None:
+    """:func:`sample_digest` of a raw tar sample, or ``None`` when :func:`check_sample` would skip it.
+
+    Picks the image member and caption exactly as the readers do; the image bytes are not opened.
+    """
+    checked = check_sample(s, image_keys, text_key, Counter())
+    if checked is None:
+        return None
+    ext, caption = checked
+    return sample_digest(caption, len(s[ext]))
 
 
 class StreamHealth:

@@ -34,7 +34,8 @@ Bad data never stops the stream; each skip is counted under one of :data:`SKIP_R
   byte-order mark is accepted and dropped;
 * ``bad_shard``: a shard that cannot be opened, is not a tar (a 0-byte file included) or ends early
   (truncated) is skipped from that point with a warning; its samples completed before the break are
-  kept. A valid tar with no members is simply empty (counted in ``shards`` only).
+  kept. A valid tar with no members is simply empty (counted in ``shards`` only). Each worker's stream
+  names the first few bad shards and then only counts them (:class:`~pipeline.data.sources.ShardWarnings`).
 
 Data that can never deliver fails fast with :class:`NoUsableData` instead of streaming nothing: a
 single pass that found no usable sample in any of its shards raises at its end (unless
@@ -69,7 +70,7 @@ from pipeline.data.sample_checks import (  # noqa: F401  (NoUsableData, SKIP_REA
     checked_image,
     public_counts,
 )
-from pipeline.data.sources import ShardSource, StreamSeed
+from pipeline.data.sources import NAMED, ShardSource, StreamSeed
 
 _STATS, _WORKER, _FINAL = "__stats__", "__worker__", "__final__"
 
@@ -77,7 +78,10 @@ _STATS, _WORKER, _FINAL = "__stats__", "__worker__", "__final__"
 def decode_samples(samples: Iterator[dict], stats: Counter, image_keys: tuple[str, ...], text_key: str,
                    preprocess: Callable | None, max_pixels: int = 0,
                    health: StreamHealth | None = None) -> Iterator[dict]:
-    """Raw samples -> ``{"image", "caption", "key", "url", "meta"}``; bad ones skipped and counted.
+    """Raw samples -> ``{"image", "caption", "key", "url", "meta", "nbytes"}``; bad ones skipped and counted.
+
+    ``nbytes`` is the byte size of the image member used (what a content digest is computed from:
+    :func:`pipeline.data.sample_checks.sample_digest`).
 
     ``max_pixels`` is :attr:`ShardDataConfig.max_image_pixels`; ``health`` (resampled mode) sees
     every checked sample and stops a stream in which nothing is usable.
@@ -105,12 +109,13 @@ def _decode_one(s: dict, stats: Counter, image_keys: tuple[str, ...], text_key: 
     except ValueError:  # UnicodeDecodeError included
         meta = {}  # metadata is optional; a broken json must not cost the pair
     stats["samples"] += 1
-    return {"image": image, "caption": caption, "key": s["__key__"], "url": s["__url__"], "meta": meta}
+    return {"image": image, "caption": caption, "key": s["__key__"], "url": s["__url__"], "meta": meta,
+            "nbytes": len(s[ext])}
 
 
 def _collate(samples: list[dict], tokenizer: Callable | None) -> dict:
     images = [s["image"] for s in samples]
-    batch = {k: [s[k] for s in samples] for k in ("caption", "key", "url", "meta")}
+    batch = {k: [s[k] for s in samples] for k in ("caption", "key", "url", "meta", "nbytes")}
     batch["image"] = torch.stack(images) if isinstance(images[0], torch.Tensor) else images  # [B, 3, H, W]
     if tokenizer is not None:
         batch["text"] = tokenizer(batch["caption"])  # [B, context_length] token ids
@@ -120,14 +125,15 @@ def _collate(samples: list[dict], tokenizer: Callable | None) -> dict:
 class ShardStream(IterableDataset):
     """The per-worker webdataset pipeline; iterate it through :class:`ShardLoader`."""
 
-    def __init__(self, cfg: ShardDataConfig, rank: int, world_size: int, preprocess=None, tokenizer=None):
+    def __init__(self, cfg: ShardDataConfig, rank: int, world_size: int, preprocess=None, tokenizer=None,
+                 shard_warnings: int = NAMED):
         validate_shard_data(cfg, world_size)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, {world_size})")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.preprocess, self.tokenizer = preprocess, tokenizer
         self.source = ShardSource(cfg.urls, cfg.weights, cfg.image_keys, cfg.shuffle_buffer, cfg.shuffle_initial,
-                                  cfg.max_member_bytes)
+                                  cfg.max_member_bytes, shard_warnings)
         self.epoch = 0
         self.batches_per_rank = (math.ceil(cfg.epoch_samples / (cfg.batch_size * world_size))
                                  if cfg.resampled else None)
@@ -172,12 +178,17 @@ class ShardStream(IterableDataset):
 
 class ShardLoader:
     """Iterable of batch dicts ``{"image": [B,3,H,W], "text": [B,L] (with a tokenizer), "caption",
-    "key", "url", "meta"}`` with skip counters gathered from all workers."""
+    "key", "url", "meta", "nbytes"}`` with skip counters gathered from all workers.
+
+    ``shard_warnings``: bad shards each worker's stream names in a warning before it only counts them
+    (:class:`pipeline.data.sources.ShardWarnings`; 0 when the caller reports bad shards itself).
+    """
 
     def __init__(self, cfg: ShardDataConfig, rank: int = 0, world_size: int = 1,
-                 preprocess: Callable | None = None, tokenizer: Callable | None = None):
+                 preprocess: Callable | None = None, tokenizer: Callable | None = None,
+                 shard_warnings: int = NAMED):
         self.cfg = cfg
-        self.dataset = ShardStream(cfg, rank, world_size, preprocess, tokenizer)
+        self.dataset = ShardStream(cfg, rank, world_size, preprocess, tokenizer, shard_warnings)
         n_shards = self.dataset.source.n_shards
         if not cfg.resampled and n_shards < world_size * max(1, cfg.workers):
             warnings.warn(f"{n_shards} shards for {world_size} ranks x {max(1, cfg.workers)} workers: "
@@ -242,10 +253,12 @@ class ShardLoader:
 
 
 def build_shard_loader(cfg: ShardDataConfig, rank: int = 0, world_size: int = 1,
-                       preprocess: Callable | None = None, tokenizer: Callable | None = None) -> ShardLoader:
+                       preprocess: Callable | None = None, tokenizer: Callable | None = None,
+                       shard_warnings: int = NAMED) -> ShardLoader:
     """The batch stream of ``rank`` out of ``world_size`` for ``cfg`` (see the module docstring).
 
     ``preprocess`` maps a PIL RGB image to a tensor (e.g. ``Backbone.preprocess_train``);
-    ``tokenizer`` maps a list of captions to token ids (adds ``"text"`` to each batch).
+    ``tokenizer`` maps a list of captions to token ids (adds ``"text"`` to each batch);
+    ``shard_warnings``: see :class:`ShardLoader`.
     """
-    return ShardLoader(cfg, rank, world_size, preprocess, tokenizer)
+    return ShardLoader(cfg, rank, world_size, preprocess, tokenizer, shard_warnings)

@@ -6,6 +6,8 @@ The part that the image-text reader (:mod:`pipeline.data.shards`) and the stage-
 * URL handling: ``::``-separated sources with brace expansion (:func:`expand_sources`), their
   sampling weights (:func:`source_weights`) and the start-up check that local shards exist
   (:func:`check_shard_urls`);
+* warnings about bad shards, aggregated (:class:`ShardWarnings`, :func:`some_names`): a thousand missing
+  shards give a few named lines and a count, not a thousand lines;
 * the seeds of a stream: every random draw comes from a :class:`StreamSeed` ``(seed, epoch, stream id,
   worker)``, so the same ids give the same draws in every process;
 * :class:`ShardSource`: the shard order (a rank/worker split of the shard list for a single pass, or
@@ -31,7 +33,50 @@ from pathlib import Path
 import webdataset as wds
 
 from pipeline.config import ConfigError
-from pipeline.data.sample_checks import DROPPED_FIELD, OPEN_FIELD, StreamHealth, health_limit
+from pipeline.data.sample_checks import (
+    DROPPED_FIELD,
+    OPEN_FIELD,
+    StreamHealth,
+    health_limit,
+    raw_sample_digest,
+)
+
+NAMED = 5
+"""How many shards a warning or error names before it only counts the rest (:func:`some_names`); also
+the default number of bad shards a stream warns about by name (:class:`ShardWarnings`)."""
+
+
+def some_names(items: list[str], limit: int = NAMED) -> str:
+    """``a, b, c`` or, past ``limit`` items, ``a, b, c, d, e and 994 more``: one bounded line."""
+    head = ", ".join(str(i) for i in items[:limit])
+    return head if len(items) <= limit else f"{head} and {len(items) - limit} more"
+
+
+class ShardWarnings:
+    """Warns about the first ``limit`` bad shards of one stream by name, then once that further ones are
+    only counted (under ``bad_shard``); ``limit=0`` warns about none.
+
+    Why: a reader skips bad shards by design, and a resampled stream reopens them, so one line per event
+    turns 999 missing shards into thousands of lines; the counters keep the exact numbers. A shard
+    already named is not named again when it is reopened.
+    """
+
+    def __init__(self, limit: int = NAMED):
+        self.limit = limit
+        self.named: set[str] = set()
+        self.silenced = False
+
+    def warn(self, url: str, message: str) -> None:
+        """Warn ``message`` about shard ``url`` unless it was named already or ``limit`` others were."""
+        if url in self.named:
+            return
+        if len(self.named) < self.limit:
+            self.named.add(url)
+            warnings.warn(message, stacklevel=3)
+        elif self.limit and not self.silenced:
+            self.silenced = True
+            warnings.warn(f"more than {self.limit} bad shards in this stream (the next one: {url}): further ones "
+                          "are skipped without a warning and counted under bad_shard", stacklevel=3)
 
 
 def expand_sources(urls: str) -> list[list[str]]:
@@ -71,17 +116,19 @@ def check_shard_urls(urls: str, key: str) -> list[str]:
     except ValueError as e:
         raise ConfigError(f"{key}={urls!r}: {e}") from None
     listings: dict[str, set[str]] = {}
-    out = []
+    out, missing, n_local = [], [], 0
     for source in sources:
         local = [u for u in source if is_local(u)]
-        missing = [u for u in local if Path(u).name not in _listing(str(Path(u).parent), listings)]
-        if local and len(missing) == len(local):
+        gone = [u for u in local if Path(u).name not in _listing(str(Path(u).parent), listings)]
+        if local and len(gone) == len(local):
             raise ConfigError(f"{key}={urls!r}: none of the {len(local)} shard files exists (first: {local[0]}); "
                               "check the folder and the {first..last} range")
-        if missing:
-            warnings.warn(f"{key}: {len(missing)} of {len(local)} shard files do not exist (first: {missing[0]}); "
-                          "they will be skipped", stacklevel=2)
+        missing += gone
+        n_local += len(local)
         out.extend(source)
+    if missing:  # one line over every source, naming a few: 999 missing shards are one warning, not 999
+        warnings.warn(f"{key}: {len(missing)} of {n_local} shard files do not exist ({some_names(missing)}); "
+                      "they will be skipped", stacklevel=2)
     return out
 
 
@@ -116,20 +163,23 @@ def _key_ext(name: str) -> tuple[str, str]:
     return (name, "") if dot < 0 else (name[:dot], name[dot + 1:].lower())
 
 
-def iter_tar_samples(urls: Iterator[str], stats: Counter, max_member_bytes: int = 0) -> Iterator[dict]:
+def iter_tar_samples(urls: Iterator[str], stats: Counter, max_member_bytes: int = 0,
+                     warn: ShardWarnings | None = None) -> Iterator[dict]:
     """Group tar members by key into raw samples ``{"__key__", "__url__", ext: bytes}``.
 
-    A shard that fails to open, or breaks off (truncated), is warned about and counted as
-    ``bad_shard``; samples completed before the break are kept, the broken one is dropped. A member
-    over ``max_member_bytes`` (0 = no limit) is never read into memory (the stream skips its bytes);
-    its sample is marked so :func:`~pipeline.data.sample_checks.check_sample` skips and counts it.
+    A shard that fails to open, or breaks off (truncated), is counted as ``bad_shard`` and warned about
+    through ``warn`` (default: a fresh :class:`ShardWarnings`, which names the first few and then only
+    counts); samples completed before the break are kept, the broken one is dropped. A member over
+    ``max_member_bytes`` (0 = no limit) is never read into memory (the stream skips its bytes); its
+    sample is marked so :func:`~pipeline.data.sample_checks.check_sample` skips and counts it.
     """
+    warn = warn if warn is not None else ShardWarnings()
     for url in urls:
         stats["shards"] += 1
         try:
             stream = _CountingReader(wds.gopen(url, "rb"))
         except Exception as e:  # missing file, failed pipe/HTTP open: skip the whole shard
-            warnings.warn(f"skipping unreadable shard {url}: {type(e).__name__}: {e}", stacklevel=2)
+            warn.warn(url, f"skipping unreadable shard {url}: {type(e).__name__}: {e}")
             stats["bad_shard"] += 1
             continue
         current, end_of_last = None, 0
@@ -157,13 +207,37 @@ def iter_tar_samples(urls: Iterator[str], stats: Counter, max_member_bytes: int 
             if current is not None:
                 yield current
         except Exception as e:  # truncated or corrupt tar, broken pipe, bad gzip
-            warnings.warn(f"skipping rest of shard {url}: {type(e).__name__}: {e}", stacklevel=2)
+            warn.warn(url, f"skipping rest of shard {url}: {type(e).__name__}: {e}")
             stats["bad_shard"] += 1
         finally:
             try:
                 stream.close()
             except Exception as e:  # a pipe: URL reports its command's failure on close
-                warnings.warn(f"error closing shard {url}: {e}", stacklevel=2)
+                warn.warn(f"{url} (close)", f"error closing shard {url}: {e}")
+
+
+def read_sample_digests(url: str, image_keys: tuple[str, ...], text_key: str = "txt",
+                        max_samples: int | None = None, max_member_bytes: int = 0) -> dict[str, int]:
+    """Key -> :func:`~pipeline.data.sample_checks.sample_digest` of the samples of one shard that pass
+    the readers' sample checks (images are not opened), from the first ``max_samples`` raw samples
+    (``None``: all). An unreadable shard gives what was read before the break, without a warning;
+    members over ``max_member_bytes`` (0 = no limit) are not read, as in the readers.
+
+    Used by the start-up check of stage 1 and to plant assignment files in tests (docs/ARCHITECTURE.md
+    section 4); reading a whole shard costs one pass over its bytes.
+    """
+    out: dict[str, int] = {}
+    samples = iter_tar_samples(iter([url]), Counter(), max_member_bytes, ShardWarnings(0))
+    try:
+        for i, s in enumerate(samples):
+            if max_samples is not None and i >= max_samples:
+                break
+            digest = raw_sample_digest(s, image_keys, text_key)
+            if digest is not None:
+                out[s["__key__"]] = digest
+    finally:
+        samples.close()  # closes the tar at once when stopping early
+    return out
 
 
 @dataclass(frozen=True)
@@ -186,17 +260,19 @@ class ShardSource:
     """The shards of one config and how a stream reads them into raw samples (see the module docstring).
 
     ``urls``/``weights`` as in the data configs; ``image_keys`` is the ``;``-separated extension list
-    (parsed into :attr:`image_keys`); ``shuffle_buffer`` 0 disables the sample shuffle.
+    (parsed into :attr:`image_keys`); ``shuffle_buffer`` 0 disables the sample shuffle;
+    ``shard_warnings`` is how many bad shards each stream names in a warning (:class:`ShardWarnings`).
     """
 
     def __init__(self, urls: str, weights: str = "", image_keys: str = "", shuffle_buffer: int = 0,
-                 shuffle_initial: int = 0, max_member_bytes: int = 0):
+                 shuffle_initial: int = 0, max_member_bytes: int = 0, shard_warnings: int = NAMED):
         self.urls = urls
         self.sources = expand_sources(urls)
         self.weights = source_weights(weights, len(self.sources))
         self.image_keys = tuple(k.strip().lower() for k in image_keys.split(";") if k.strip())
         self.shuffle_buffer, self.shuffle_initial = shuffle_buffer, shuffle_initial
         self.max_member_bytes = max_member_bytes
+        self.shard_warnings = shard_warnings
 
     @property
     def n_shards(self) -> int:
@@ -233,7 +309,8 @@ class ShardSource:
         ``urls`` is :meth:`split` or :meth:`resampled`, read lazily. Counts go to ``stats`` (``shards``,
         ``bad_shard``); the samples are not checked yet.
         """
-        stages = [lambda: iter(urls), lambda src: iter_tar_samples(src, stats, self.max_member_bytes)]
+        warn = ShardWarnings(self.shard_warnings)  # one budget per stream (per worker and pass)
+        stages = [lambda: iter(urls), lambda src: iter_tar_samples(src, stats, self.max_member_bytes, warn)]
         if self.shuffle_buffer > 0:
             stages.append(wds.shuffle(self.shuffle_buffer, self.shuffle_initial, rng=seed.rng("samples")))
         return iter(wds.DataPipeline(*stages))

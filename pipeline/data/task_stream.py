@@ -19,6 +19,12 @@ decoded only when a task uses it; an image that fails then is dropped from its b
 instead of waiting forever: when too many shard openings in a row give no usable sample, and when
 :func:`task_watchdog` openings pass without a task (e.g. every image undecodable, clusters from other
 shards, or the only domain able to give cross-domain queries is unreadable).
+
+Labels are bound to content: each sample carries its content digest, and a sample whose digest differs
+from the one recorded in its shard's assignment file raises
+:class:`~pipeline.data.features.ContentMismatch` naming the shard, at the first sample of that shard
+(the start-up check :func:`pipeline.data.task_checks.check_task_data` spot-checks shards before
+training; this is the check that covers every shard).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from pipeline.data.sample_checks import (
     check_sample,
     checked_image,
     open_image,
+    sample_digest,
 )
 from pipeline.data.sources import ShardSource, StreamSeed, expand_sources, source_weights
 
@@ -135,7 +142,11 @@ class SlotStream(IterableDataset):
             if checked is None:
                 continue
             stats["samples"] += 1
-            yield {"key": s["__key__"], "url": s["__url__"], "image": s[checked[0]]}
+            ext, caption = checked
+            # the content digest binds the sample to its assignment (a clustering of another shard set with
+            # the same file names and keys is refused, not used): docs/ARCHITECTURE.md section 4
+            yield {"key": s["__key__"], "url": s["__url__"], "image": s[ext],
+                   "digest": sample_digest(caption, len(s[ext]))}
 
     def _decode(self, raw: bytes, rng: random.Random):
         # torchvision's random crops draw from the global torch RNG, whose state depends on what else the

@@ -2,6 +2,7 @@
 
 import sys
 
+from pipeline.config import run_main
 from pipeline.digits_demo.run import main
 
-sys.exit(main())
+sys.exit(run_main(main))

@@ -145,7 +145,8 @@ def build_shards(cfg: DemoConfig) -> str:
     out = Path(cfg.cache_dir) / "shards"
     if not (out / "sizes.json").is_file():
         train = read_split_file(build_fewshot_set(cfg), Path(cfg.cache_dir) / "digits" / "images")["train"]
-        write_shards(caption_pairs(cfg, train), out, cfg.samples_per_shard)
+        # the folder is the demo's own cache: a build killed before sizes.json (written last) is redone
+        write_shards(caption_pairs(cfg, train), out, cfg.samples_per_shard, overwrite=True)
     n = len(json.loads((out / "sizes.json").read_text()))
     return str(out / f"{{000000..{n - 1:06d}}}.tar")
 
@@ -277,4 +278,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from pipeline.config import run_main  # user errors: one line on stderr, exit status 2
+
+    raise SystemExit(run_main(main))

@@ -4,12 +4,40 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from pipeline.data.features import Assignments, write_assignments
 from pipeline.data.shard_writer import Pair, write_shards
+from pipeline.data.sources import read_sample_digests
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+"""The readers' default image extensions (``TaskDataConfig.image_keys``)."""
+
+
+def content_digests(shard: str | Path, image_keys: tuple[str, ...] = IMAGE_KEYS, text_key: str = "txt") -> dict[str, int]:
+    """Key -> content digest of every sample of a local shard that the readers' checks keep: what
+    ``pipeline extract`` records for the samples it embeds, computed without a backbone."""
+    return read_sample_digests(str(shard), image_keys, text_key)
+
+
+def plant_assignments(shard: str | Path, path: str | Path, concept_of: Mapping[str, int],
+                      domain_of: Mapping[int, int] | None = None) -> Path:
+    """Write the assignment file ``path`` of ``shard`` labelling its samples by ``concept_of`` (key ->
+    concept), with the content digests and fingerprint ``pipeline cluster`` would carry over from extraction.
+
+    Keys the readers skip anyway (no caption, no image...) get digest 0: they are never looked up.
+    """
+    digests = content_digests(shard)
+    keys = list(concept_of)
+    concept = np.array([concept_of[k] for k in keys], dtype=np.int64)
+    domain = np.array([(domain_of or {}).get(int(c), -1) for c in concept], dtype=np.int64)
+    return write_assignments(path, Assignments(
+        np.array(keys, dtype=object), np.full(len(keys), "", dtype=object), domain, concept,
+        np.ones(len(keys), dtype=np.float32), np.array([digests.get(k, 0) for k in keys], dtype=np.uint64)))
 
 
 def make_task_data(root: Path, domains: int = 2, concepts_per_domain: int = 3, per_concept: int = 8,
@@ -39,8 +67,8 @@ def make_task_data(root: Path, domains: int = 2, concepts_per_domain: int = 3, p
     (clusters / "concepts.json").write_text(json.dumps(concepts))
     for s in range(len(report.shards)):
         keys = [f"{i:09d}" for i in range(s * per_shard, min(n, (s + 1) * per_shard))]
-        np.savez(clusters / "assign" / f"{s:06d}.npz", keys=np.array(keys),
-                 concept=np.array([int(k) % n_concepts for k in keys]))
+        plant_assignments(shards / f"{s:06d}.tar", clusters / "assign" / f"{s:06d}.npz",
+                          {k: int(k) % n_concepts for k in keys}, {c: c // concepts_per_domain for c in range(n_concepts)})
     return {"urls": str(shards / f"{{000000..{len(report.shards) - 1:06d}}}.tar"), "clusters_dir": str(clusters),
             "n_samples": n}
 
