@@ -15,7 +15,7 @@ from pathlib import Path
 
 import open_clip
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from pipeline.config import BackboneConfig, ConfigError, PromptConfig
 
@@ -138,6 +138,24 @@ def check_backbone(cfg: BackboneConfig, prompts: PromptConfig | None = None, key
         if isinstance(layers, int) and prompts.depth_vision > layers:
             raise ConfigError(f"{prompts_key}.depth_vision={prompts.depth_vision} exceeds the {layers} vision "
                               f"layers of {arch}")
+
+
+def vision_tokens(visual: nn.Module, images: Tensor) -> Tensor:
+    """Input tokens of an open_clip ViT image tower *before* ``ln_pre``: ``[B, 1 + n_patches, width]``.
+
+    The same computation as ``VisionTransformer._embeds`` minus its last step: patch embedding
+    (``conv1``), CLS token, positional embedding, then patch dropout (active only in training mode;
+    it keeps CLS and draws the patches to keep). ``visual.ln_pre(vision_tokens(visual, x))`` equals
+    ``visual._embeds(x)``; a test checks it on the tiny architectures, so an open_clip release that
+    changes ``_embeds`` fails there rather than silently. It exists because layer-0 vision prompts
+    are concatenated here and normalised by ``ln_pre`` together with the patch tokens, as in the
+    IVLP/MaPLe reference code (docs/ARCHITECTURE.md section 3).
+    """
+    x = visual.conv1(images)  # [B, width, grid, grid]
+    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # [B, n_patches, width]
+    cls = visual.class_embedding.to(x.dtype).reshape(1, 1, -1).expand(x.shape[0], -1, -1)
+    x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
+    return visual.patch_dropout(x)
 
 
 def freeze(model: nn.Module) -> nn.Module:

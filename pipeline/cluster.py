@@ -10,6 +10,13 @@ Outputs under ``out_dir``: ``hierarchy.npz``, ``assign/<shard>.npz`` (keys, capt
 similarity, and the per-sample content digests and shard fingerprint carried over from the feature file),
 ``concepts.json`` (id, domain, name, size, example captions), ``summary.md``, ``concept_sizes.png``.
 
+Concept names. ``fit`` stores each concept's cleaned medoid caption (at most ``name_max_words`` words)
+in ``hierarchy.npz``; ``summarize`` writes the names stage 1 trains with into ``concepts.json``: those
+captions cut, with the tokenizer of ``name_tokenizer``, to the text tokens a name may have next to
+``name_prompt_tokens`` prompt tokens (docs/ARCHITECTURE.md section 4). The fit happens here, before any
+prompt exists, so the budget comes from these two settings; stage 1 checks its names against its own
+model and prompt length and refuses names that do not fit, and ``mode=summarize`` alone refits them.
+
 Assigning needs feature files with content fingerprints (docs/ARCHITECTURE.md section 4): the stage-1
 stream uses them to refuse a clustering applied to other shards with the same names and keys. Feature
 files written before fingerprints are refused by ``mode=all`` and ``mode=assign`` before any work (rerun
@@ -23,9 +30,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import open_clip
 
+from pipeline.backbone import register_tiny_archs
 from pipeline.config import ConfigError, load_config, parse_config_args
-from pipeline.data.clustering import Hierarchy, KMeansConfig, clean_caption, fit_hierarchy
+from pipeline.data.clustering import (
+    Hierarchy,
+    KMeansConfig,
+    clean_caption,
+    fit_hierarchy,
+    fit_name_to_tokens,
+    name_token_budget,
+    token_counter,
+)
 from pipeline.data.features import (
     Assignments,
     ContentMismatch,
@@ -67,6 +84,13 @@ class ClusterConfig:
     """k-means settings."""
     name_max_words: int = 12
     """Concept names (medoid captions) are cut to this many words."""
+    name_tokenizer: str = "ViT-B-16"
+    """open_clip architecture of the stage-1 backbone: its tokenizer counts a name's tokens and its text
+    context length bounds them (every OpenAI/LAION CLIP shares one BPE and the 77-token context; the
+    tiny in-repo architectures have shorter contexts). Empty = names are cut by words only."""
+    name_prompt_tokens: int = 4
+    """Text prompt tokens of stage 1 (its ``n_ctx_text``; 4 for the default ``init_words`` "a photo of a"):
+    a name may have ``context length - 2 (SOS/EOT) - name_prompt_tokens - 1 (".")`` tokens."""
     examples_per_concept: int = 3
     """Example captions per concept in the summary."""
     seed: int = 0
@@ -90,6 +114,28 @@ def validate_cluster(cfg: ClusterConfig) -> None:
             raise ConfigError(f"{key}={value} must be >= 1")
     if cfg.examples_per_concept < 0:
         raise ConfigError(f"examples_per_concept={cfg.examples_per_concept} must be >= 0")
+    if cfg.name_prompt_tokens < 0:
+        raise ConfigError(f"name_prompt_tokens={cfg.name_prompt_tokens} must be >= 0")
+    if cfg.name_tokenizer:
+        register_tiny_archs()
+        if cfg.name_tokenizer not in open_clip.list_models():
+            raise ConfigError(f"name_tokenizer={cfg.name_tokenizer!r} is not an open_clip architecture "
+                              "(the stage-1 backbone's name, e.g. ViT-B-16; empty = cut names by words only)")
+        context = open_clip.get_model_config(cfg.name_tokenizer)["text_cfg"].get("context_length", 77)
+        if name_token_budget(context, cfg.name_prompt_tokens) < 1:
+            raise ConfigError(f"name_prompt_tokens={cfg.name_prompt_tokens} leaves no token of {cfg.name_tokenizer}'s "
+                              f"{context}-token text context for a concept name")
+
+
+def name_fitter(cfg: ClusterConfig):
+    """``medoid caption -> concept name``: cleaned, at most ``name_max_words`` words, and (with
+    ``name_tokenizer``) cut to the tokens a name may have next to ``name_prompt_tokens`` prompt tokens."""
+    if not cfg.name_tokenizer:
+        return lambda caption: clean_caption(caption, cfg.name_max_words)
+    register_tiny_archs()
+    tokenizer = open_clip.get_tokenizer(cfg.name_tokenizer)
+    count, budget = token_counter(tokenizer), name_token_budget(tokenizer.context_length, cfg.name_prompt_tokens)
+    return lambda caption: fit_name_to_tokens(clean_caption(caption, cfg.name_max_words), count, budget)
 
 
 def sample_features(features_dir: str, stems: list[str], n: int, seed: int):
@@ -167,8 +213,9 @@ def summarize(cfg: ClusterConfig, hierarchy: Hierarchy) -> dict:
             c = int(a.concept[i])
             if len(examples[c]) < cfg.examples_per_concept:
                 examples[c].append(str(a.captions[i]))
+    name = name_fitter(cfg)  # hierarchy.names are cleaned medoid captions; refitting them is idempotent
     concepts = [
-        {"id": c, "domain": int(hierarchy.concept_domain[c]), "name": hierarchy.names[c],
+        {"id": c, "domain": int(hierarchy.concept_domain[c]), "name": name(hierarchy.names[c]),
          "size": int(sizes.get(c, 0)), "examples": examples.get(c, [])}
         for c in range(hierarchy.n_concepts)
     ]

@@ -16,34 +16,76 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pipeline.augment import AUGMENT_PRESETS
 from pipeline.config import ConfigError, ModelConfig, flatten, load_config, user_layers
 from pipeline.data.config import SUBSAMPLES, FewShotConfig
 from pipeline.data.datasets_meta import DATASETS
 from pipeline.meta.config import LossConfig, MetaConfig, RegulatorConfig, validate_meta_learning
 from pipeline.tracking import TrackingConfig
+from pipeline.zeroshot import resolve_templates
 
-METHODS = ("prometar", "ivlp", "coop", "zeroshot")
-INITS = ("words", "artifact", "random")
+PUBLIC_OUTER_WEIGHT = 5e-4
+"""``meta.outer_weight`` of ``method=prometar_public``: the public ProMetaR code (mlvlab/ProMetaR, ``train.py``)
+multiplies its meta loss by ``TRAINER.PROMETAR.LR_RATIO = 0.0005`` before stepping the prompts' SGD, so its
+meta step is 5e-4 x the size of the regularized step."""
+
+# Building blocks of the presets. Each preset pins every field that tells it apart from its siblings, so a
+# run's label (``method``) always means one recipe; tuned values (learning rates, loss weights, depths) stay
+# free, and the full config is in every results.json.
+_CE_ONLY = {"meta.meta_step": False, "meta.matched_step": False, "regulator.kind": "none",
+            "loss.weight_text": 0.0, "loss.weight_image": 0.0}  # no regularizer, no regulator, no meta step
+_META = {"meta.meta_step": True, "regulator.kind": "modulate", "meta.first_order": False}  # ProMetaR's meta step
+_NO_META = {"meta.meta_step": False, "meta.matched_step": False}
 
 METHOD_PRESETS: dict[str, dict[str, Any]] = {
-    # regularized step + meta step; the regulator (any kind, modulate by default) learns
-    "prometar": {"meta.meta_step": True},
-    # the regularized step alone with fixed gamma: G = g + constant_gamma * r (weights 25 / 10 by default)
-    "ivlp": {"model.prompts.type": "ivlp", "meta.meta_step": False, "regulator.kind": "constant"},
-    # shallow text context, plain cross-entropy: no regularizer, no regulator, no meta step
-    "coop": {"model.prompts.type": "coop", "meta.meta_step": False, "regulator.kind": "none",
-             "loss.weight_text": 0.0, "loss.weight_image": 0.0},
     # frozen CLIP with the dataset's template; no prompts, so nothing is trained (optim.* is unused)
     "zeroshot": {"model.prompts.type": "none", "meta.meta_step": False},
+    # CoOp: shallow text context, cross-entropy only
+    "coop": {"model.prompts.type": "coop", **_CE_ONLY},
+    # VPT-deep: vision prompts only (model.prompts.depth_vision rows), cross-entropy only
+    "vpt_deep": {"model.prompts.type": "vpt", **_CE_ONLY},
+    # IVLP: deep text + deep vision prompts, cross-entropy only
+    "ivlp": {"model.prompts.type": "ivlp", **_CE_ONLY},
+    # IVLP + PromptSRC's L1 consistency with fixed weight: G = g + constant_gamma * r, i.e. the gradient of
+    # CE + 0.5 * (50 * L1_text + 20 * L1_image) = CE + 25 * L1_text + 10 * L1_image with the defaults
+    "promptsrc_lite": {"model.prompts.type": "ivlp", **_NO_META, "regulator.kind": "constant"},
+    # ProMetaR: regularized step + meta step, the learned (modulate) regulator, meta step as large as the
+    # regularized one (outer_weight 1)
+    "prometar": {**_META, "meta.outer_weight": 1.0},
+    # ProMetaR with the public code's meta-loss weight: the meta step is 5e-4 x the prompt lr
+    "prometar_public": {**_META, "meta.outer_weight": PUBLIC_OUTER_WEIGHT},
+    # control: the regularized step with the (initial or loaded) modulate regulator, no meta step. From words
+    # it equals promptsrc_lite (an untrained regulator is gamma_init = 0.5 everywhere); with init=artifact it
+    # applies the stage-1 regulator
+    "prometar_no_meta": {**_NO_META, "regulator.kind": "modulate"},
+    # control: meta step with inner lr 0 -- the outer (mixup query) loss at the unadapted prompts, i.e.
+    # multitask learning without adaptation; the regulator gets a zero meta-gradient
+    "prometar_inner0": {**_META, "meta.inner_lr": 0.0},
+    # control: as many prompt updates at the same learning rates as ProMetaR, without the meta-gradient: the
+    # second update is a regularized step on the query split, scaled by meta.outer_weight
+    "prometar_step_matched": {"meta.meta_step": False, "meta.matched_step": True, "regulator.kind": "modulate"},
+    # control: meta step with a fixed gamma (regulator.constant_gamma): nothing is meta-learned but the prompts
+    "prometar_constant_gamma": {**_META, "regulator.kind": "constant"},
+    # control: meta step with the regulator off, G = g + r
+    "prometar_no_regulator": {**_META, "regulator.kind": "none"},
+    # control: first-order meta-gradient (no second-order terms; the regulator still learns through gamma)
+    "prometar_first_order": {**_META, "meta.first_order": True},
 }
-"""Config fields each ``method`` sets (dotted keys)."""
+"""Config fields each ``method`` sets (dotted keys); docs/ARCHITECTURE.md section 5 tabulates what each isolates."""
+
+METHODS = tuple(METHOD_PRESETS)
+INITS = ("words", "artifact", "random")
+INIT_PARTS = ("prompts+regulator", "prompts+frozen_regulator", "prompts", "regulator")
+"""What ``init=artifact`` takes from the stage-1 artifact (``init_parts``)."""
+FROZEN_REGULATOR_PARTS = ("prompts+frozen_regulator", "regulator")
+"""``init_parts`` values that need the artifact's regulator: refused for regulator kinds without parameters."""
 
 INIT_PRESETS: dict[str, dict[str, Any]] = {
     "words": {},
     "artifact": {},
     "random": {"model.prompts.init_words": ""},
 }
-"""Config fields each ``init`` sets (``artifact`` copies prompts and regulator from ``artifact``)."""
+"""Config fields each ``init`` sets (``artifact`` copies what ``init_parts`` names from ``artifact``)."""
 
 
 @dataclass(frozen=True)
@@ -91,10 +133,17 @@ class FinetuneConfig:
     """Stage-2 few-shot fine-tuning and its evaluation (docs/ARCHITECTURE.md sections 5 and 6)."""
 
     method: str = "prometar"
-    """``prometar``, ``ivlp``, ``coop`` or ``zeroshot``: a preset of fields (:data:`METHOD_PRESETS`)."""
+    """A method or control: a preset of fields (:data:`METHOD_PRESETS`), e.g. ``prometar``, ``ivlp``,
+    ``promptsrc_lite``, ``coop``, ``vpt_deep``, ``zeroshot``, ``prometar_step_matched``."""
     init: str = "words"
     """Prompt initialisation: ``words`` (``model.prompts.init_words``), ``random``, or ``artifact``
-    (prompts, and the regulator when the kinds match, from the stage-1 artifact at ``artifact``)."""
+    (what ``init_parts`` names from the stage-1 artifact at ``artifact``)."""
+    init_parts: str = "prompts+regulator"
+    """With ``init=artifact``: ``prompts+regulator`` (the prompts, and the regulator when this run's
+    ``regulator.kind`` has parameters, trained on by the meta step), ``prompts+frozen_regulator`` (the
+    regulator is loaded and never updated: no optimizer for it), ``prompts`` (the regulator starts
+    fresh) or ``regulator`` (prompts from ``model.prompts.init_words``, or random when that is empty).
+    ``prompts+frozen_regulator`` and ``regulator`` need a kind with parameters (``modulate``, ``transform``)."""
     artifact: str = ""
     """Stage-1 artifact for ``init=artifact``; refused when made for another backbone or prompt shape."""
     name: str = ""
@@ -123,7 +172,10 @@ class FinetuneConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """W&B (one run per dataset, seed and method; set ``tracking.group`` per sweep) and metrics.jsonl."""
     frozen_templates: tuple[str, ...] = ()
-    """Templates of the frozen text features g_0; empty = the dataset's template."""
+    """Templates of the frozen text teacher g_0 (averaged): literal templates with ``{}`` for the class
+    name, or named sets ``@imagenet`` (CLIP's 80), ``@imagenet7`` (CoOp's 7), ``@promptsrc`` (the 60 the
+    PromptSRC / ProMetaR code averages), ``@dataset`` (the dataset's CoOp template); empty = the dataset's
+    template alone (:func:`pipeline.zeroshot.resolve_templates`)."""
     workers: int = 0
     """DataLoader workers for training images."""
     mixed_precision: str = "no"
@@ -159,6 +211,15 @@ class FinetuneConfig:
             raise ConfigError(f"artifact={self.artifact!r} is set but init={self.init!r}; use init=artifact")
         if self.method == "zeroshot" and self.init == "artifact":
             raise ConfigError("method=zeroshot trains no prompts; init=artifact makes no sense")
+        if self.init_parts not in INIT_PARTS:
+            raise ConfigError(f"init_parts={self.init_parts!r}: expected one of {INIT_PARTS}")
+        if self.init_parts != INIT_PARTS[0] and self.init != "artifact":
+            raise ConfigError(f"init_parts={self.init_parts} takes parts of a stage-1 artifact but init={self.init}; "
+                              "use init=artifact artifact=<path>")
+        if self.init_parts in FROZEN_REGULATOR_PARTS and self.regulator.kind in ("none", "constant"):
+            raise ConfigError(f"init_parts={self.init_parts} loads the artifact's regulator, but method={self.method} "
+                              f"uses regulator.kind={self.regulator.kind}, which has no parameters; use init_parts=prompts "
+                              "or a method with a learned regulator (regulator.kind=modulate|transform)")
         if self.method != "zeroshot" and self.model.prompts.type == "none":
             raise ConfigError(f"model.prompts.type=none has nothing to train for method={self.method}")
         for key, value in (("data.seed", self.data.seed), ("model.seed", self.model.seed)):
@@ -180,9 +241,13 @@ class FinetuneConfig:
         for name in self.eval.targets:  # checked now, not after hours of training
             if name not in DATASETS:
                 raise ConfigError(f"eval.targets: {name!r} is not a dataset; expected some of {sorted(DATASETS)}")
-        for t in self.frozen_templates:
-            if "{}" not in t:
-                raise ConfigError(f"frozen_templates: {t!r} has no {{}} for the class name")
+        try:
+            resolve_templates(self.frozen_templates, "{}")
+        except ValueError as e:
+            raise ConfigError(f"frozen_templates: {e}") from None
+        if self.data.augment and self.data.augment not in AUGMENT_PRESETS:
+            raise ConfigError(f"data.augment={self.data.augment!r}: expected one of {AUGMENT_PRESETS} or empty "
+                              "(the dataset's choice)")
 
     @property
     def label(self) -> str:

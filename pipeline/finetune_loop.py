@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from pipeline.augment import train_transform
 from pipeline.backbone import check_backbone, load_backbone
 from pipeline.checkpoint import (
     CHECKPOINT_DIR,
@@ -26,6 +27,7 @@ from pipeline.checkpoint import (
 )
 from pipeline.config import ConfigError, to_dict
 from pipeline.data.config import FewShotConfig
+from pipeline.data.datasets_meta import augment_for
 from pipeline.data.fewshot import ImageListDataset, build_fewshot, classnames_of, subsample_classes
 from pipeline.distributed import Distributed, launcher_world_size
 from pipeline.evaluation import PROMPTS_FILE, RESULTS_FILE, check_dataset, evaluate, write_results
@@ -38,6 +40,7 @@ from pipeline.prompts import PromptedCLIP
 from pipeline.run_lock import RunLock
 from pipeline.tracking import Tracker, progress
 from pipeline.train_state import TrainState, config_changes
+from pipeline.zeroshot import resolve_templates
 
 
 def prompt_lr_lambda(optim: FinetuneOptimConfig):
@@ -64,19 +67,32 @@ def regulator_lr_lambda(optim: FinetuneOptimConfig):
 
 
 def init_from_artifact(cfg: FinetuneConfig, model_meta: dict, prompts: dict, regulator: Regulator) -> dict:
-    """Copy prompts (and the regulator when it has parameters) from ``cfg.artifact``; raises
-    ``ValueError`` naming every mismatch of backbone, prompt type, prompt shapes or regulator."""
+    """Copy what ``cfg.init_parts`` names from ``cfg.artifact`` into ``prompts`` and ``regulator``; returns
+    what was taken (recorded in results.json).
+
+    Whatever the parts, the artifact must have been made for this run's backbone, prompt type and prompt
+    shapes (the regulator's shapes follow the prompts'); a loaded regulator must also have this run's
+    ``regulator.kind`` and shapes. Each mismatch raises ``ValueError`` naming it. With
+    ``prompts+frozen_regulator`` the regulator's parameters stop requiring gradients, so no optimizer is
+    built for them and the meta step computes no gradient for them.
+    """
     art = load_artifact(cfg.artifact)
     check_compatible(art.metadata, model_meta)
-    with torch.no_grad():
-        for k, v in prompts.items():
-            v.copy_(art.prompts[k].to(v))
-    loaded_regulator = False
-    if any(True for _ in regulator.parameters()):
+    parts = cfg.init_parts
+    take_prompts = parts != "regulator"
+    # the regulator part of the default is skipped for parameter-free kinds (init=artifact's old meaning);
+    # the parts that name the regulator explicitly are refused for them by FinetuneConfig.validate
+    take_regulator = parts != "prompts" and any(True for _ in regulator.parameters())
+    if take_prompts:
+        with torch.no_grad():
+            for k, v in prompts.items():
+                v.copy_(art.prompts[k].to(v))
+    if take_regulator:
         kind = art.metadata.get("regulator.kind")
         if kind != cfg.regulator.kind:
             raise ValueError(f"incompatible artifact: its regulator.kind={kind!r} but this run uses "
-                             f"{cfg.regulator.kind!r}")
+                             f"{cfg.regulator.kind!r} (init_parts={parts}; init_parts=prompts leaves the "
+                             "regulator fresh)")
         want = {k: tuple(v.shape) for k, v in regulator.state_dict().items()}
         have = {k: tuple(v.shape) for k, v in art.regulator_state.items()}
         if want != have:
@@ -85,10 +101,13 @@ def init_from_artifact(cfg: FinetuneConfig, model_meta: dict, prompts: dict, reg
                              f"regulator.hidden; artifact {[have.get(k) for k in diff[:2]]}, run "
                              f"{[want.get(k) for k in diff[:2]]})")
         regulator.load_state_dict(art.regulator_state)
-        loaded_regulator = True
+    frozen = take_regulator and parts == "prompts+frozen_regulator"
+    if frozen:
+        regulator.requires_grad_(False)
     return {"artifact": str(cfg.artifact), "artifact_sha256": file_sha256(cfg.artifact),
-            "artifact_steps": art.metadata.get("steps"),
-            "regulator_from_artifact": loaded_regulator}
+            "artifact_steps": art.metadata.get("steps"), "init_parts": parts,
+            "prompts_from_artifact": take_prompts, "regulator_from_artifact": take_regulator,
+            "regulator_frozen": frozen}
 
 
 def preflight(cfg: FinetuneConfig, environ: Mapping[str, str] | None = None) -> None:
@@ -227,17 +246,20 @@ def _train(cfg: FinetuneConfig, cfg_dict: dict, dist: Distributed) -> dict:
         shutil.rmtree(run_dir / CHECKPOINT_DIR)
 
     fs = build_fewshot(cfg.data)
-    templates = cfg.frozen_templates or (fs.template,)
+    templates = resolve_templates(cfg.frozen_templates, fs.template)
     objective = Objective(model, cfg.loss, templates=templates)
     reg_params = [p for p in regulator.parameters() if p.requires_grad]
     train_prompts = bool(prompts) and cfg.optim.epochs > 0
     sgd = torch.optim.SGD(list(prompts.values()) or [torch.zeros(1, requires_grad=True)], lr=cfg.optim.lr,
                           momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+    # the regulator learns only from the meta step, and only when it has trainable parameters (not when
+    # parameter-free or loaded frozen: init_parts=prompts+frozen_regulator)
     adamw = torch.optim.AdamW(reg_params, lr=cfg.regulator.lr, weight_decay=cfg.regulator.weight_decay) \
         if reg_params and cfg.meta.meta_step else None
     sched = torch.optim.lr_scheduler.LambdaLR(sgd, prompt_lr_lambda(cfg.optim))
     reg_sched = torch.optim.lr_scheduler.LambdaLR(adamw, regulator_lr_lambda(cfg.optim)) if adamw else None
-    dataset = ImageListDataset(fs.train, backbone.preprocess_train)
+    augment = cfg.data.augment or augment_for(cfg.data.dataset)
+    dataset = ImageListDataset(fs.train, train_transform(backbone, augment))
     iters_per_epoch = math.ceil(len(dataset) / cfg.optim.batch_size)
     total = iters_per_epoch * cfg.optim.epochs if train_prompts else 0
 

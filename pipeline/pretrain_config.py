@@ -13,11 +13,13 @@ from pipeline.data.episodes import EpisodeConfig
 from pipeline.data.task_stream import TaskDataConfig
 from pipeline.meta.config import LossConfig, MetaConfig, RegulatorConfig, validate_meta_learning
 from pipeline.tracking import TrackingConfig
+from pipeline.zeroshot import resolve_templates
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """Outer optimisation (AdamW on prompts and regulator, linear warmup then cosine decay)."""
+    """Outer optimisation of the prompts (one AdamW with a prompts group and a regulator group, whose
+    ``lr``, ``weight_decay``, clip and ``eps`` are under ``regulator``; linear warmup then cosine decay)."""
 
     steps: int = 2000
     """Outer steps."""
@@ -30,7 +32,8 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
     """Cosine decay ends at this fraction of the peak learning rates."""
     grad_clip: float = 1.0
-    """Clip the global norm of the averaged meta-gradient (prompts and regulator together); 0 = off."""
+    """Clip the global norm of the prompts' averaged meta-gradient; 0 = off. The regulator's is clipped
+    apart (``regulator.grad_clip``), so the prompts' much larger norm never shrinks it."""
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,8 @@ class PretrainConfig:
     tasks_per_step: int = 4
     """Tasks per outer step over all ranks (must be divisible by the number of ranks)."""
     frozen_templates: tuple[str, ...] = ("{}",)
-    """Templates of the frozen text features g_0 of concept names (``{}`` = the name itself, a caption)."""
+    """Templates of the frozen text teacher g_0 of concept names (``{}`` = the name itself, a caption), or
+    named sets such as ``@imagenet7`` (:func:`pipeline.zeroshot.resolve_templates`)."""
     mixed_precision: str = "no"
     """``no`` or ``bf16`` (autocast on GPU; regulator and optimizer state stay fp32)."""
     cpu: bool = False
@@ -110,6 +114,7 @@ class PretrainConfig:
             raise ConfigError(f"threads={self.threads} must be >= 0 (0 = torch's default)")
         if self.max_nonfinite < 1:
             raise ConfigError(f"max_nonfinite={self.max_nonfinite} must be >= 1")
-        for t in self.frozen_templates:  # a template without {} gives every concept the same text
-            if "{}" not in t:
-                raise ConfigError(f"frozen_templates: {t!r} has no {{}} for the concept name")
+        try:  # a template without {} would give every concept the same text
+            resolve_templates(self.frozen_templates, "{}")
+        except ValueError as e:
+            raise ConfigError(f"frozen_templates: {e}") from None

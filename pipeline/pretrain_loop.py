@@ -15,25 +15,29 @@ import torch
 from pipeline.backbone import check_backbone, load_backbone
 from pipeline.checkpoint import PreemptionHandler, artifact_metadata, list_checkpoints, save_artifact
 from pipeline.config import ConfigError, to_dict
-from pipeline.data.episodes import Episode
+from pipeline.data.clustering import TEXT_SPECIAL_TOKENS, name_token_budget, token_counter
+from pipeline.data.episodes import ConceptTable, Episode
 from pipeline.data.task_checks import check_task_data
 from pipeline.data.task_stream import COUNTERS, slot_loader
 from pipeline.distributed import Distributed, check_launcher
 from pipeline.meta.objective import Batch, Objective
 from pipeline.meta.prometar import all_finite
 from pipeline.meta.regulator import Regulator
-from pipeline.meta.step import meta_step
+from pipeline.meta.step import grad_norm, meta_step
 from pipeline.pretrain_config import OptimConfig, PretrainConfig
 from pipeline.prompts import PromptedCLIP
 from pipeline.run_lock import RunDirLocked, RunLock
 from pipeline.tracking import Tracker, progress
 from pipeline.train_state import TrainState
+from pipeline.zeroshot import resolve_templates
 
 log = logging.getLogger(__name__)
 
 
 RESUME_APPLIED = ("tracking", "checkpoint.every", "checkpoint.keep_last", "checkpoint.resume", "optim.steps",
-                  "threads", "data.workers", "collective_timeout_s", "max_nonfinite", "artifact")
+                  "threads", "data.workers", "collective_timeout_s", "max_nonfinite", "artifact",
+                  # stage-2 settings that stage 1 never reads (the meta config is shared by both stages)
+                  "meta.n_query_classes", "meta.task_classes", "meta.matched_step")
 """Settings that may change when a run resumes (each change is logged): where and how often things are
 written, how long the run goes on (the cosine schedule then spans the new ``optim.steps``), and how the
 work is executed. Any other change to the config is refused on resume: it would make the checkpoint's
@@ -68,6 +72,95 @@ def preflight(cfg: PretrainConfig, environ: Mapping[str, str] | None = None) -> 
     if not cfg.checkpoint.resume and list_checkpoints(cfg.run_dir):
         raise ConfigError(f"checkpoint.resume=false but run_dir={cfg.run_dir} already holds checkpoints of another "
                           "run; use a new run_dir (a fresh run would overwrite them)")
+
+
+def check_concept_names(cfg: PretrainConfig, model: PromptedCLIP) -> None:
+    """Refuse concept names too long for this model's text context (docs/ARCHITECTURE.md section 4).
+
+    A class text is ``"X .. X <name>."`` (one placeholder per text prompt token); a name longer than
+    ``context length - SOS/EOT - n_ctx_text - 1`` tokens would be cut by the tokenizer, and the class would
+    be learned from a truncated text without its ``.``. The frozen texts ``g_0`` (``frozen_templates``
+    around the name) must fit the context as well. ``pipeline cluster`` fits the names to the budget its
+    ``name_tokenizer`` and ``name_prompt_tokens`` give; this check catches a clustering made for another
+    model or prompt length, before training.
+    """
+    table = ConceptTable(cfg.data.clusters_dir, cfg.episodes.k_shot + cfg.episodes.q_query)
+    names = sorted({table.name[c] for c in table.eligible})
+    count = token_counter(model.tokenizer)
+    budget = name_token_budget(model.context_length, model.n_ctx_text)
+    frozen_budget = model.context_length - TEXT_SPECIAL_TOKENS  # the template's text is all there is
+    long = {}  # name -> (its tokens, tokens of its longest frozen text)
+    for name in names:
+        n_name, n_frozen = count(name), max(count(t.format(name)) for t in resolve_templates(cfg.frozen_templates, "{}"))
+        if n_name > budget or n_frozen > frozen_budget:
+            long[name] = (n_name, n_frozen)
+    if long:
+        example, (tokens, frozen_tokens) = next(iter(long.items()))
+        raise ConfigError(
+            f"data.clusters_dir: {len(long)} of the {len(names)} usable concept names in {cfg.data.clusters_dir}/"
+            f"concepts.json do not fit this model's text context (a name may have {budget} tokens: context length "
+            f"{model.context_length} - SOS/EOT - {model.n_ctx_text} prompt tokens - '.'; a frozen_templates text "
+            f"{frozen_budget}), e.g. {example!r} has {tokens} (its longest frozen text {frozen_tokens}); they would "
+            "be cut by the tokenizer. Re-run `pipeline "
+            f"cluster mode=summarize name_tokenizer={cfg.model.backbone.arch} "
+            f"name_prompt_tokens={model.n_ctx_text}` with that clustering's features_dir and out_dir (it rewrites "
+            "concepts.json only)")
+
+
+def build_optimizer(prompts: list[torch.Tensor], regulator_params: list[torch.Tensor],
+                    cfg: PretrainConfig) -> torch.optim.AdamW:
+    """The outer AdamW: group 0 the prompts (``optim.lr``, ``optim.weight_decay``, torch's ``eps``),
+    group 1 the regulator when it has parameters (``regulator.lr``, ``regulator.weight_decay``,
+    ``regulator.adam_eps``: its meta-gradient is ``meta.inner_lr`` times smaller, see ``RegulatorConfig``)."""
+    groups = [{"params": prompts, "lr": cfg.optim.lr, "weight_decay": cfg.optim.weight_decay}]
+    if regulator_params:
+        groups.append({"params": regulator_params, "lr": cfg.regulator.lr,
+                       "weight_decay": cfg.regulator.weight_decay, "eps": cfg.regulator.adam_eps})
+    return torch.optim.AdamW(groups)
+
+
+def clip_gradients_(params: list[torch.Tensor], max_norm: float) -> float:
+    """Scale the ``.grad`` of ``params`` so their global norm is at most ``max_norm`` (0 = leave them);
+    returns the norm before clipping. Each parameter group is clipped on its own (prompts with
+    ``optim.grad_clip``, the regulator with ``regulator.grad_clip``), so one group's norm never shrinks
+    the other's gradient."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm = float(grad_norm(grads))
+    if max_norm > 0 and norm > max_norm:
+        for g in grads:
+            g.mul_(max_norm / norm)
+    return norm
+
+
+def regulator_diagnostics(regulator_params: list[torch.Tensor], phi_0: torch.Tensor | None,
+                          optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Whether the regulator learns: ``regulator_relative_change`` ``|phi_t - phi_0| / |phi_0|`` against its
+    initialisation, and ``regulator_eps_dominated``, the share of the elements that have had a gradient
+    whose Adam denominator ``sqrt(v_hat)`` is below ``eps`` (their step is damped by more than half);
+    empty without parameters."""
+    if not regulator_params or phi_0 is None:
+        return {}
+    phi = torch.cat([p.detach().reshape(-1).double() for p in regulator_params])
+    out = {}
+    base = float(phi_0.norm())
+    if base > 0:
+        out["regulator_relative_change"] = float((phi - phi_0.to(phi.device)).norm()) / base
+    group = optimizer.param_groups[-1]  # the regulator's (build_optimizer puts it last)
+    beta2, eps = group["betas"][1], group["eps"]
+    below, total = 0, 0
+    for p in regulator_params:
+        state = optimizer.state.get(p, {})
+        if "exp_avg_sq" not in state:
+            continue
+        v_hat = state["exp_avg_sq"] / (1.0 - beta2 ** float(state["step"]))
+        seen = v_hat > 0  # elements that never had a gradient (e.g. at step 1) are not damped, just idle
+        below += int((v_hat[seen].sqrt() < eps).sum())
+        total += int(seen.sum())
+    if total:
+        out["regulator_eps_dominated"] = below / total
+    return out
 
 
 def episode_batches(ep: Episode, device: torch.device) -> tuple[Batch, Batch]:
@@ -189,18 +282,20 @@ def _train(cfg: PretrainConfig, cfg_dict: dict, dist: Distributed) -> dict:
         torch.set_num_threads(cfg.threads)
     backbone = load_backbone(cfg.model.backbone, device=device, seed=cfg.model.seed)
     model = PromptedCLIP(backbone, cfg.model.prompts, generator=torch.Generator().manual_seed(cfg.model.seed))
+    check_concept_names(cfg, model)
     prompts = model.initial_prompts()
     torch.manual_seed(cfg.model.seed)  # the regulator's init draws from the global RNG: make runs repeatable
     regulator = Regulator.for_prompts(prompts, cfg.regulator).to(device)
     reg_params = [p for p in regulator.parameters() if p.requires_grad]
-    params = list(prompts.values()) + reg_params
+    prompt_params = list(prompts.values())
+    params = prompt_params + reg_params
     dist.broadcast_(params)  # identical start on every rank, whatever each rank's RNG did
-    groups = [{"params": list(prompts.values()), "lr": cfg.optim.lr, "weight_decay": cfg.optim.weight_decay}]
-    if reg_params:
-        groups.append({"params": reg_params, "lr": cfg.regulator.lr, "weight_decay": cfg.regulator.weight_decay})
-    optimizer = torch.optim.AdamW(groups)
+    # phi_0 for regulator_relative_change: taken before a resume loads later weights, so a resumed run
+    # measures from the same initialisation (it is a function of model.seed and the config)
+    phi_0 = torch.cat([p.detach().reshape(-1).double() for p in reg_params]) if reg_params else None
+    optimizer = build_optimizer(prompt_params, reg_params, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim))
-    objective = Objective(model, cfg.loss, templates=cfg.frozen_templates)
+    objective = Objective(model, cfg.loss, templates=resolve_templates(cfg.frozen_templates, "{}"))
     streams = Streams(cfg, backbone.preprocess_train, dist.rank, dist.world_size)
 
     if not cfg.checkpoint.resume and list_checkpoints(run_dir):
@@ -255,6 +350,7 @@ def _train(cfg: PretrainConfig, cfg_dict: dict, dist: Distributed) -> dict:
             bad = dist.any(not all_finite(grads) or any(not math.isfinite(m["outer_loss"]) for m in metrics))
             update = math.nan
             payload = 0
+            norms: dict[str, float] = {}
             if bad:  # every rank skips together, so parameters stay identical
                 nonfinite_total += 1
                 consecutive += 1
@@ -267,8 +363,10 @@ def _train(cfg: PretrainConfig, cfg_dict: dict, dist: Distributed) -> dict:
                 before = [p.detach().clone() for p in reg_params]
                 for p, g in zip(params, grads):
                     p.grad = g
-                if cfg.optim.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+                # norms of the averaged meta-gradients (identical on every rank), before clipping
+                norms["prompts_grad_norm"] = clip_gradients_(prompt_params, cfg.optim.grad_clip)
+                if reg_params:
+                    norms["regulator_grad_norm"] = clip_gradients_(reg_params, cfg.regulator.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 update = float(sum((p.detach() - b).pow(2).sum() for p, b in zip(reg_params, before)) ** 0.5) \
@@ -282,6 +380,8 @@ def _train(cfg: PretrainConfig, cfg_dict: dict, dist: Distributed) -> dict:
                 for c in dist.gather_objects(streams.counters()):
                     counters.update(c)
                 elapsed = time.perf_counter() - t0
+                log.update(norms)
+                log.update(regulator_diagnostics(reg_params, phi_0, optimizer))
                 log.update(
                     lr=scheduler.get_last_lr()[0], regulator_update=update, nonfinite_steps=nonfinite_total,
                     samples_per_s=cfg.tasks_per_step * samples_per_task / max(elapsed, 1e-9),
@@ -310,10 +410,21 @@ def _train(cfg: PretrainConfig, cfg_dict: dict, dist: Distributed) -> dict:
             "regulator": {k: v.detach().cpu() for k, v in regulator.state_dict().items()}}
 
 
+EXTREMES = {"gamma_min": min, "gamma_max": max}
+"""Per-task metrics reduced over tasks and ranks by their extreme value rather than the mean."""
+
+
 def _reduce_metrics(metrics: list[dict[str, float]], dist: Distributed) -> dict[str, float]:
-    """Mean of each metric over this rank's tasks, then over ranks (NaN = not computed)."""
+    """Mean of each metric over this rank's tasks, then over ranks (NaN = not computed); the keys of
+    :data:`EXTREMES` by their minimum or maximum over every task of the step."""
     keys = sorted(metrics[0])
     local = torch.tensor([[m[k] for k in keys] for m in metrics], dtype=torch.float64).mean(0)  # [n_metrics]
     dist.all_reduce_mean_([local])
-    return {k: float(v) for k, v in zip(keys, local.tolist()) if not math.isnan(v)}
+    out = {k: float(v) for k, v in zip(keys, local.tolist()) if not math.isnan(v)}
+    for key, pick in EXTREMES.items():
+        values = [v for part in dist.gather_objects([m[key] for m in metrics if key in m]) for v in part]
+        values = [v for v in values if not math.isnan(v)]
+        if values:
+            out[key] = float(pick(values))
+    return out
 

@@ -5,8 +5,8 @@ Prompts live in an explicit ``dict[str, Tensor]`` so an inner loop can evaluate 
 
 - ``"text"``:   ``[depth_text, n_ctx_text, width_text]``  - context tokens after SOS; row ``i`` replaces
   the context positions at the input of text layer ``i`` (row 0 = the input embedding, CoOp).
-- ``"vision"``: ``[depth_vision, n_ctx_vision, width_vision]`` - tokens inserted after CLS; row ``i``
-  replaces them at the input of vision layer ``i`` (row 0 only = shallow VPT).
+- ``"vision"``: ``[depth_vision, n_ctx_vision, width_vision]`` - tokens inserted after CLS, row 0 before
+  ``ln_pre``; row ``i`` replaces them at the input of vision layer ``i`` (row 0 only = shallow VPT).
 
 Prompt types: ``none`` (plain CLIP), ``coop`` (text row 0 only), ``vpt`` (vision only), ``ivlp``
 (deep text and deep vision, independent). With ``none`` the encoders run exactly open_clip's
@@ -28,7 +28,7 @@ from open_clip.transformer import text_global_pool
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from pipeline.backbone import Backbone
+from pipeline.backbone import Backbone, vision_tokens
 from pipeline.config import PromptConfig
 
 Prompts = dict[str, Tensor]
@@ -110,7 +110,10 @@ class PromptedCLIP(nn.Module):
                 text[0] = init
             out["text"] = text.to(device)
         if cfg.type in ("vpt", "ivlp"):
-            if not hasattr(self.visual, "transformer") or not hasattr(self.visual, "_embeds"):
+            # what vision_tokens and encode_image use: open_clip's VisionTransformer has all of them
+            vit_parts = ("conv1", "class_embedding", "positional_embedding", "patch_dropout", "ln_pre",
+                         "transformer", "_pool")
+            if not all(hasattr(self.visual, a) for a in vit_parts):
                 raise ValueError(f"prompts.type={cfg.type} needs a ViT image tower; got {type(self.visual).__name__}")
             if cfg.depth_vision > self.vision_layers:
                 raise ValueError(
@@ -220,7 +223,9 @@ class PromptedCLIP(nn.Module):
     def encode_image(self, images: Tensor, prompts: Prompts | None = None, normalize: bool = False) -> Tensor:
         """Image features ``[B, embed_dim]``; with vision prompts, tokens are inserted after CLS.
 
-        Prompt tokens are dropped again before pooling, so ``avg`` pooling still averages patches only.
+        Row 0 is inserted before ``ln_pre`` (normalised with CLS and the patches); row ``i >= 1``
+        replaces the prompt positions at the input of layer ``i``, unnormalised. Prompt tokens are
+        dropped again before pooling, so ``avg`` pooling still averages patches only.
         """
         vision_prompts = None if prompts is None else prompts.get("vision")
         visual = self.visual
@@ -229,11 +234,13 @@ class PromptedCLIP(nn.Module):
                 x = visual(images)
             return F.normalize(x, dim=-1) if normalize else x
         with attention_context():
-            x = visual._embeds(images)  # [B, 1 + n_patches, width]
+            # Layer-0 prompts join CLS + patches + positional embedding *before* ln_pre, so they are
+            # normalised with the patch tokens as in the IVLP/MaPLe reference (docs/ARCHITECTURE.md
+            # section 3). Patch dropout acts on CLS + patches only, as in open_clip, never on prompts.
+            x = vision_tokens(visual, images)  # [B, 1 + n_patches, width], before ln_pre
             n = vision_prompts.shape[1]
-            batch = x.shape[0]
-            first = vision_prompts[0].to(x.dtype).unsqueeze(0).expand(batch, -1, -1)
-            x = torch.cat([x[:, :1], first, x[:, 1:]], dim=1)  # [B, 1 + n + n_patches, width]
+            x = _replace_tokens(x, vision_prompts[0], start=1, n_replaced=0)  # [B, 1 + n + n_patches, width]
+            x = visual.ln_pre(x)
             x = _run_blocks(visual.transformer, x, None, vision_prompts, start=1)
             x = torch.cat([x[:, :1], x[:, 1 + n :]], dim=1)  # drop prompt tokens: [B, 1 + n_patches, width]
             pooled, _ = visual._pool(x)
@@ -272,9 +279,12 @@ def _param_dtype(model: nn.Module) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _replace_tokens(x: Tensor, tokens: Tensor, start: int) -> Tensor:
-    """Out-of-place ``x[:, start:start+n] = tokens`` (autograd-friendly). x: [B, L, W], tokens: [n, W]."""
-    n = tokens.shape[0]
+def _replace_tokens(x: Tensor, tokens: Tensor, start: int, n_replaced: int | None = None) -> Tensor:
+    """Out-of-place ``x[:, start:start+n_replaced] = tokens`` (autograd-friendly). x: [B, L, W], tokens: [n, W].
+
+    ``n_replaced`` defaults to ``n`` (swap the prompt positions); ``0`` inserts the tokens at ``start``.
+    """
+    n = tokens.shape[0] if n_replaced is None else n_replaced
     rows = tokens.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
     return torch.cat([x[:, :start], rows, x[:, start + n :]], dim=1)
 

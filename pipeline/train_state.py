@@ -141,13 +141,17 @@ class TrainState:
         return path
 
 
-def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """``{dotted key: (old value, new value)}`` of every setting that differs (``None`` where absent).
+ABSENT = "(absent)"
+"""How :func:`config_changes` shows a setting one of the two configs does not have."""
 
-    Lists and tuples compare equal when their items do (JSON turns tuples into lists).
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (old value, new value)}`` of every setting that differs (:data:`ABSENT` where a
+    config lacks the key). Lists and tuples compare equal when their items do (JSON turns tuples into lists).
     """
     a, b = flatten(old), flatten(new)
-    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if _plain(a.get(k)) != _plain(b.get(k))}
+    return {k: (a.get(k, ABSENT), b.get(k, ABSENT)) for k in sorted(set(a) | set(b))
+            if k not in a or k not in b or _plain(a[k]) != _plain(b[k])}
 
 
 def _plain(value: Any) -> Any:
@@ -161,7 +165,9 @@ def _under(key: str, prefixes: tuple[str, ...]) -> bool:
 def check_resume_config(old: dict[str, Any], new: dict[str, Any], applied: tuple[str, ...], where: str) -> None:
     """Refuse a resume whose config changed outside the ``applied`` keys; log the applied changes."""
     changes = config_changes(old, new)
-    refused = {k: v for k, v in changes.items() if not _under(k, applied)}
+    # a setting the checkpoint's config does not have was added by a newer version of this code: it takes
+    # its value from now on (logged below), since the old run had no such choice to disagree with
+    refused = {k: v for k, v in changes.items() if not _under(k, applied) and v[0] is not ABSENT}
     if refused:
         listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(refused.items())[:8])
         raise ConfigError(f"{where} was written under another config, and these settings cannot change when a run "

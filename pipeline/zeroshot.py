@@ -4,6 +4,9 @@ The same frozen text features serve as ``g_0(c)`` in the knowledge-preservation 
 are cached per class name instead of being recomputed every step: the meta step draws a new class
 subset for its support and query at every iteration (and stage 1 a new concept set per task), so a
 cache keyed by class *set* would miss almost always.
+
+Template lists in configs (``frozen_templates``) name literal templates or whole ensembles
+(``@imagenet``, ``@imagenet7``, ``@promptsrc``, ``@dataset``); :func:`resolve_templates` expands them.
 """
 
 from __future__ import annotations
@@ -18,6 +21,235 @@ from torch import Tensor
 from pipeline.prompts import PromptedCLIP
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
+
+# The 80 ImageNet templates of CLIP's prompt-engineering notebook (openai/CLIP,
+# notebooks/Prompt_Engineering_for_ImageNet.ipynb), in the notebook's order. Plain data on purpose:
+# a test compares it with open_clip's OPENAI_IMAGENET_TEMPLATES.
+_IMAGENET80 = (
+    "a bad photo of a {}.",
+    "a photo of many {}.",
+    "a sculpture of a {}.",
+    "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.",
+    "a rendering of a {}.",
+    "graffiti of a {}.",
+    "a bad photo of the {}.",
+    "a cropped photo of the {}.",
+    "a tattoo of a {}.",
+    "the embroidered {}.",
+    "a photo of a hard to see {}.",
+    "a bright photo of a {}.",
+    "a photo of a clean {}.",
+    "a photo of a dirty {}.",
+    "a dark photo of the {}.",
+    "a drawing of a {}.",
+    "a photo of my {}.",
+    "the plastic {}.",
+    "a photo of the cool {}.",
+    "a close-up photo of a {}.",
+    "a black and white photo of the {}.",
+    "a painting of the {}.",
+    "a painting of a {}.",
+    "a pixelated photo of the {}.",
+    "a sculpture of the {}.",
+    "a bright photo of the {}.",
+    "a cropped photo of a {}.",
+    "a plastic {}.",
+    "a photo of the dirty {}.",
+    "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.",
+    "a photo of the {}.",
+    "a good photo of the {}.",
+    "a rendering of the {}.",
+    "a {} in a video game.",
+    "a photo of one {}.",
+    "a doodle of a {}.",
+    "a close-up photo of the {}.",
+    "a photo of a {}.",
+    "the origami {}.",
+    "the {} in a video game.",
+    "a sketch of a {}.",
+    "a doodle of the {}.",
+    "a origami {}.",
+    "a low resolution photo of a {}.",
+    "the toy {}.",
+    "a rendition of the {}.",
+    "a photo of the clean {}.",
+    "a photo of a large {}.",
+    "a rendition of a {}.",
+    "a photo of a nice {}.",
+    "a photo of a weird {}.",
+    "a blurry photo of a {}.",
+    "a cartoon {}.",
+    "art of a {}.",
+    "a sketch of the {}.",
+    "a embroidered {}.",
+    "a pixelated photo of a {}.",
+    "itap of the {}.",
+    "a jpeg corrupted photo of the {}.",
+    "a good photo of a {}.",
+    "a plushie {}.",
+    "a photo of the nice {}.",
+    "a photo of the small {}.",
+    "a photo of the weird {}.",
+    "the cartoon {}.",
+    "art of the {}.",
+    "a drawing of the {}.",
+    "a photo of the large {}.",
+    "a black and white photo of a {}.",
+    "the plushie {}.",
+    "a dark photo of a {}.",
+    "itap of a {}.",
+    "graffiti of the {}.",
+    "a toy {}.",
+    "itap of my {}.",
+    "a photo of a cool {}.",
+    "a photo of a small {}.",
+    "a tattoo of the {}.",
+)
+
+# CoOp's IMAGENET_TEMPLATES_SELECT (trainers/imagenet_templates.py), the 7-template ensemble that CoOp's
+# zero-shot baseline and PromptSRC's variants use; open_clip calls it SIMPLE_IMAGENET_TEMPLATES.
+_IMAGENET7 = (
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
+)
+
+# The IMAGENET_TEMPLATES list of PromptSRC's and ProMetaR's code (trainers/imagenet_templates.py), which
+# their trainers average into the frozen text teacher: "a photo of a {}." first, then the first 60 of
+# CLIP's 80 without it, 60 in all.
+_PROMPTSRC60 = (
+    "a photo of a {}.",
+    "a bad photo of a {}.",
+    "a photo of many {}.",
+    "a sculpture of a {}.",
+    "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.",
+    "a rendering of a {}.",
+    "graffiti of a {}.",
+    "a bad photo of the {}.",
+    "a cropped photo of the {}.",
+    "a tattoo of a {}.",
+    "the embroidered {}.",
+    "a photo of a hard to see {}.",
+    "a bright photo of a {}.",
+    "a photo of a clean {}.",
+    "a photo of a dirty {}.",
+    "a dark photo of the {}.",
+    "a drawing of a {}.",
+    "a photo of my {}.",
+    "the plastic {}.",
+    "a photo of the cool {}.",
+    "a close-up photo of a {}.",
+    "a black and white photo of the {}.",
+    "a painting of the {}.",
+    "a painting of a {}.",
+    "a pixelated photo of the {}.",
+    "a sculpture of the {}.",
+    "a bright photo of the {}.",
+    "a cropped photo of a {}.",
+    "a plastic {}.",
+    "a photo of the dirty {}.",
+    "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.",
+    "a photo of the {}.",
+    "a good photo of the {}.",
+    "a rendering of the {}.",
+    "a {} in a video game.",
+    "a photo of one {}.",
+    "a doodle of a {}.",
+    "a close-up photo of the {}.",
+    "the origami {}.",
+    "the {} in a video game.",
+    "a sketch of a {}.",
+    "a doodle of the {}.",
+    "a origami {}.",
+    "a low resolution photo of a {}.",
+    "the toy {}.",
+    "a rendition of the {}.",
+    "a photo of the clean {}.",
+    "a photo of a large {}.",
+    "a rendition of a {}.",
+    "a photo of a nice {}.",
+    "a photo of a weird {}.",
+    "a blurry photo of a {}.",
+    "a cartoon {}.",
+    "art of a {}.",
+    "a sketch of the {}.",
+    "a embroidered {}.",
+    "a pixelated photo of a {}.",
+    "itap of the {}.",
+)
+
+TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
+    "imagenet": _IMAGENET80,
+    "imagenet7": _IMAGENET7,
+    "promptsrc": _PROMPTSRC60,
+}
+"""Named template ensembles, referred to as ``@name`` in template lists (:func:`resolve_templates`)."""
+
+DATASET_TEMPLATE = "@dataset"
+"""Template-list entry that stands for the dataset's own (CoOp) template."""
+
+
+def resolve_templates(entries: Sequence[str], dataset_template: str) -> tuple[str, ...]:
+    """The templates a template list stands for, e.g. ``frozen_templates`` of the stage configs.
+
+    Syntax of one entry:
+
+    - a literal template with exactly one ``{}`` (the class name), e.g. ``"a photo of a {}."``;
+    - ``@name``: every template of ``TEMPLATE_SETS[name]`` (``@imagenet`` = CLIP's 80, ``@imagenet7`` =
+      CoOp's 7, ``@promptsrc`` = the 60 that PromptSRC / ProMetaR average for their frozen teacher);
+    - ``@dataset``: ``dataset_template`` (the dataset's CoOp template; ``"{}"`` in stage 1, where the class
+      texts are concept names);
+    - a set's bare name (``imagenet7``, ``dataset``): the same as ``@name``. A literal template always holds
+      ``{}`` and a name never does, so the two cannot be confused; bare names save quoting on the command
+      line, where YAML does not let a plain value start with ``@`` (``frozen_templates=[imagenet7]``).
+
+    An empty list means ``(dataset_template,)``, the single-template teacher. Entries are expanded in
+    order and repeats dropped (first occurrence kept), so ``["@dataset", "@imagenet7"]`` averages the
+    dataset's template with CoOp's 7 without counting one twice. Raises ``ValueError`` naming the entry
+    for an unknown set or a malformed template, so configs can call this at validation time.
+    """
+    if not entries:
+        entries = (DATASET_TEMPLATE,)
+    out: list[str] = []
+    known = ", ".join(f"@{k}" for k in (*TEMPLATE_SETS, "dataset"))
+    for entry in entries:
+        if "{" not in entry and not entry.startswith("@"):  # a bare set name
+            if entry not in (*TEMPLATE_SETS, "dataset"):
+                raise ValueError(f"{entry!r} has no '{{}}' for the class name, and no template set has that "
+                                 f"name; known sets: {known}")
+            entry = f"@{entry}"
+        if entry == DATASET_TEMPLATE:
+            expanded: tuple[str, ...] = (dataset_template,)
+        elif entry.startswith("@"):
+            if entry[1:] not in TEMPLATE_SETS:
+                raise ValueError(f"template set {entry!r} is unknown; known: {known}")
+            expanded = TEMPLATE_SETS[entry[1:]]
+        else:
+            expanded = (entry,)
+        for template in expanded:
+            _check_template(template)
+            if template not in out:
+                out.append(template)
+    return tuple(out)
+
+
+def _check_template(template: str) -> None:
+    """One ``{}`` and no other braces: ``str.format`` would fail mid-run, or give every class the same text."""
+    try:
+        ok = template.count("{}") == 1 and template.format("x") == template.replace("{}", "x")
+    except (IndexError, KeyError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"template {template!r} must contain exactly one '{{}}' for the class name and no "
+                         "other braces (or be '@name' of a template set)")
 
 
 @torch.no_grad()

@@ -5,11 +5,21 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import open_clip
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from pipeline import cluster
-from pipeline.data.clustering import Hierarchy, clean_caption, fit_hierarchy, fit_name_to_tokens
+from pipeline.backbone import register_tiny_archs
+from pipeline.config import ConfigError, PromptConfig, load_config
+from pipeline.data.clustering import (
+    Hierarchy,
+    clean_caption,
+    fit_hierarchy,
+    fit_name_to_tokens,
+    name_token_budget,
+    token_counter,
+)
 from pipeline.data.features import (
     ShardFeatures,
     finished_stems,
@@ -18,6 +28,11 @@ from pipeline.data.features import (
     write_features,
 )
 from pipeline.data.sample_checks import sample_digest
+from pipeline.prompts import PromptedCLIP
+
+# A web caption of 300 characters: a URL (removed), then long made-up words of many BPE tokens each.
+LONG_CAPTION = ("https://cdn.example.com/img/0042.jpg Vintage " + " ".join(
+    f"zanzibarkilimanjaro{i}expedition" for i in range(20)))[:300]
 
 
 def planted(seed=0, domains=4, concepts=5, per=40, d=32):
@@ -73,6 +88,38 @@ def test_names():
     assert clean_caption("☺☺☺") == "thing"
     assert clean_caption(" ".join(["w"] * 30), max_words=5) == "w w w w w"
     assert fit_name_to_tokens("a b c d e f", lambda s: len(s.split()) * 2, budget=6) == "a b c"
+    assert fit_name_to_tokens("abcdefgh", len, budget=3) == "abc"  # one overlong word is cut too
+
+
+def _assert_longest_fitting_prefix(name: str, words: str, count, budget: int) -> None:
+    """``name`` is the leading words of ``words``, and one more word would exceed ``budget``."""
+    n = len(name.split())
+    assert words.split()[:n] == name.split()
+    assert count(" ".join(words.split()[: n + 1])) > budget
+
+
+def test_long_caption_name_fits_the_prompted_text_context(tiny_backbone_s):
+    """A 300-character caption becomes a name whose prompted class text "X X X X <name>." tokenizes
+    whole: every token of the name, then ".", then EOT, inside the context (nothing truncated)."""
+    model = PromptedCLIP(tiny_backbone_s, PromptConfig(type="ivlp", depth_text=2, depth_vision=2))
+    cfg = load_config(cluster.ClusterConfig, None, ["name_tokenizer=tiny-vit-s",
+                                                    f"name_prompt_tokens={model.n_ctx_text}"])
+    tokenizer, count = model.tokenizer, token_counter(model.tokenizer)
+    budget = name_token_budget(model.context_length, model.n_ctx_text)
+    assert len(LONG_CAPTION) == 300
+    words = clean_caption(LONG_CAPTION, cfg.name_max_words)
+    assert count(words) > model.context_length  # cut by words only, it would not fit at all
+    name = cluster.name_fitter(cfg)(LONG_CAPTION)
+    assert name and count(name) <= budget
+    _assert_longest_fitting_prefix(name, words, count, budget)
+    ids = model.class_tokens([name])[0][0].tolist()  # [L]
+    eot = ids.index(tokenizer.eot_token_id)
+    assert eot <= model.context_length - 1
+    start = 1 + model.n_ctx_text  # after SOS and the placeholders
+    assert ids[start:eot] == tokenizer.encode(name) + tokenizer.encode(".")
+    # what the budget prevents: the words-only name loses its tail and the "." to truncation
+    cut = model.tokenizer([f"{' '.join(['X'] * model.n_ctx_text)} {words}."])[0].tolist()
+    assert tokenizer.encode(".")[0] not in cut
 
 
 def _write_shards(tmp_path, image, text, captions, n_shards=3, digests=True):
@@ -111,6 +158,31 @@ def test_cli_all_and_array_modes_agree(tmp_path):
         assert za.fingerprint == read_features(feats / f"{s:06d}.npz").fingerprint is not None
     h = Hierarchy.load(b / "hierarchy.npz")
     assert h.n_domains == 4 and len(h.names) == h.n_concepts
+
+
+def test_cli_fits_names_to_the_token_budget_and_summarize_refits_them(tmp_path):
+    image, text, captions, *_ = planted(seed=3, domains=2, concepts=2, per=20)
+    feats = _write_shards(tmp_path, image, text, [f"{LONG_CAPTION} {i}" for i in range(len(captions))])
+    out = tmp_path / "clusters"
+    common = [f"features_dir={feats}", f"out_dir={out}", "n_domains=2", "concepts_per_domain=2",
+              "name_tokenizer=tiny-vit-s"]
+    register_tiny_archs()
+    tokenizer = open_clip.get_tokenizer("tiny-vit-s")
+    count = token_counter(tokenizer)
+    for prompt_tokens, mode in ((4, "all"), (12, "summarize")):  # a longer prompt: only summarize again
+        assert cluster.main([*common, f"name_prompt_tokens={prompt_tokens}", f"mode={mode}"]) == 0
+        names = [c["name"] for c in json.loads((out / "concepts.json").read_text())]
+        budget = name_token_budget(tokenizer.context_length, prompt_tokens)
+        # hierarchy.npz keeps the cleaned medoid captions (words only); concepts.json the fitted names
+        medoids = Hierarchy.load(out / "hierarchy.npz").names
+        assert len(names) == len(medoids) == 4
+        for name, medoid in zip(names, medoids):
+            assert count(medoid) > budget >= count(name) > 0
+            _assert_longest_fitting_prefix(name, medoid, count, budget)
+    with pytest.raises(ConfigError, match="name_tokenizer='ViT-Nope'"):
+        load_config(cluster.ClusterConfig, None, ["name_tokenizer=ViT-Nope"])
+    with pytest.raises(ConfigError, match="name_prompt_tokens=30"):
+        load_config(cluster.ClusterConfig, None, ["name_tokenizer=tiny-vit-s", "name_prompt_tokens=30"])
 
 
 def test_cli_errors(tmp_path):

@@ -122,3 +122,30 @@ def test_impossible_tasks_fail_before_sampling(tmp_path):
         EpisodeSampler(ConceptTable(single, 4), EpisodeConfig(n_way=2, k_shot=2, q_query=2, p_cross_domain=0.2), 0)
     with pytest.raises(ConfigError, match="buffer_per_concept"):
         EpisodeConfig(k_shot=20, q_query=20).validate()
+
+
+class _CountingRng:
+    """Wraps the sampler's generator and records the ``size`` of every ``choice`` draw."""
+
+    def __init__(self, rng):
+        self.rng, self.sizes = rng, []
+
+    def random(self):
+        return self.rng.random()
+
+    def choice(self, a, size=None, replace=True):
+        self.sizes.append(size)
+        return self.rng.choice(a, size=size, replace=replace)
+
+
+def test_same_domain_tasks_use_every_draw(tmp_path):
+    """A same-domain task draws its domain, its concepts, and one K + Q pick per concept: nothing else
+    (a K and a Q pick per concept, drawn and then discarded, used to shift the stream)."""
+    cfg = EpisodeConfig(n_way=3, k_shot=2, q_query=2, p_cross_domain=0.0)
+    stream = fake_clusters(tmp_path)
+    sampler = EpisodeSampler(ConceptTable(tmp_path, min_size=cfg.k_shot + cfg.q_query), cfg, seed=0)
+    sampler.rng = counting = _CountingRng(sampler.rng)
+    episodes = list(sampler(samples(stream, repeats=2)))
+    assert len(episodes) > 20
+    per_task = [None, cfg.n_way] + [cfg.k_shot + cfg.q_query] * cfg.n_way  # domain, concepts, picks
+    assert counting.sizes == per_task * len(episodes)

@@ -156,7 +156,7 @@ def test_wrong_types_and_values_name_the_key(task_data, tmp_path, yaml_text, pat
     ("tracking.wandb_mode=cloud", r"tracking.wandb_mode='cloud'"),
     ("episodes.p_cross_domain=1.5", r"episodes.p_cross_domain=1.5"),
     ("episodes.buffer_per_concept=3", r"episodes.buffer_per_concept=3 must be >= k_shot \+ q_query"),
-    ("frozen_templates=[a photo]", r"frozen_templates: 'a photo' has no \{\}"),
+    ("frozen_templates=[a photo]", r"frozen_templates: 'a photo' has no '\{\}'"),
     ("model.prompts.depth_text=99", r"model.prompts.depth_text=99 exceeds the 4 text layers of tiny-vit-s"),
 ])
 def test_bad_values_stage1(task_data, tmp_path, override, pattern):
@@ -170,7 +170,7 @@ def test_bad_values_stage1(task_data, tmp_path, override, pattern):
     (("data.subsample=half",), r"data.subsample='half'"),
     (("eval.subsets=[base,old]",), r"eval.subsets: 'old'"),
     (("eval.targets=[ImageNetV3]",), r"eval.targets: 'ImageNetV3' is not a dataset"),
-    (("frozen_templates=[a photo]",), r"frozen_templates: 'a photo' has no \{\}"),
+    (("frozen_templates=[a photo]",), r"frozen_templates: 'a photo' has no '\{\}'"),
     # method presets against explicit settings (the preset never silently wins)
     (("method=coop", "regulator.kind=modulate"), r"regulator.kind='modulate' conflicts with method=coop"),
     (("method=coop", "loss.weight_text=10"), r"loss.weight_text=10.0 conflicts with method=coop"),
@@ -178,6 +178,11 @@ def test_bad_values_stage1(task_data, tmp_path, override, pattern):
     (("method=zeroshot", "model.prompts.type=ivlp"), r"model.prompts.type='ivlp' conflicts with method=zeroshot"),
     (("method=zeroshot", "init=artifact", "artifact=x.pt"), r"method=zeroshot trains no prompts"),
     (("artifact=x.pt",), r"artifact='x.pt' is set but init='words'"),
+    (("init_parts=regulator",), r"init_parts=regulator takes parts of a stage-1 artifact but init=words"),
+    (("method=ivlp", "init=artifact", "artifact=x.pt", "init_parts=prompts+frozen_regulator"),
+     r"init_parts=prompts\+frozen_regulator loads the artifact's regulator, but method=ivlp uses regulator.kind=none"),
+    (("method=prometar", "meta.outer_weight=0.0005"), r"meta.outer_weight=0.0005 conflicts with method=prometar"),
+    (("method=prometar_no_meta", "meta.matched_step=true"), r"meta.matched_step=True conflicts with method=prometar_no_meta"),
     (("meta.inner_steps=0",), r"meta.inner_steps must be >= 1 when meta.meta_step is true"),
     (("model.seed=2",), r"model.seed=2 disagrees with seed=1"),
 ])

@@ -69,9 +69,13 @@ def test_method_presets_are_explicit_and_conflicts_fail(data_root, tmp_path):
     cfg = finetune.load_finetune_config(None, [*base, "method=coop"])
     assert cfg.model.prompts.type == "coop" and cfg.regulator.kind == "none" and not cfg.meta.meta_step
     assert cfg.loss.weight_text == 0 and cfg.loss.weight_image == 0
-    cfg = finetune.load_finetune_config(None, [*base, "method=ivlp", "seed=3"])
-    assert cfg.regulator.kind == "constant" and not cfg.meta.meta_step
+    cfg = finetune.load_finetune_config(None, [*base, "method=ivlp", "seed=3"])  # IVLP: cross-entropy only
+    assert cfg.regulator.kind == "none" and not cfg.meta.meta_step and not cfg.meta.matched_step
+    assert cfg.loss.weight_text == 0 and cfg.loss.weight_image == 0
     assert cfg.data.seed == 3 and cfg.model.seed == 3 and str(cfg.run_dir).endswith("OxfordPets/ivlp/seed_3")
+    cfg = finetune.load_finetune_config(None, [*base, "method=promptsrc_lite"])  # the old `ivlp` recipe
+    assert cfg.model.prompts.type == "ivlp" and cfg.regulator.kind == "constant" and not cfg.meta.meta_step
+    assert cfg.meta.task_classes == "all"  # ProMetaR's virtual tasks in the full base label space
     with pytest.raises(ConfigError, match="model.prompts.type"):
         finetune.load_finetune_config(None, [*base, "method=coop", "model.prompts.type=ivlp"])
     with pytest.raises(ConfigError, match="meta.meta_step"):

@@ -15,7 +15,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("pipeline.fileio", "pipeline.config")),
     ("infrastructure", ("pipeline.inputs", "pipeline.distributed", "pipeline.checkpoint", "pipeline.train_state",
                         "pipeline.run_lock", "pipeline.tracking")),
-    ("model", ("pipeline.backbone", "pipeline.prompts", "pipeline.zeroshot")),
+    ("model", ("pipeline.backbone", "pipeline.prompts", "pipeline.zeroshot", "pipeline.augment")),
     ("data", ("pipeline.data",)),
     ("meta", ("pipeline.meta",)),
     ("stage library", ("pipeline.pretrain_config", "pipeline.pretrain_loop", "pipeline.finetune_config",

@@ -59,9 +59,10 @@ def _dot(a, b):
     return float(sum((a[k] * b[k]).sum() for k in a))
 
 
-@pytest.mark.parametrize("kind", ["modulate", "transform"])
-def test_meta_gradients_match_central_finite_differences(model64, kind):
-    objective = Objective(model64, LossConfig(weight_text=5.0, weight_image=2.0))
+@pytest.mark.parametrize("kind,preservation", [("modulate", 0.0), ("transform", 0.0), ("modulate", 0.7)])
+def test_meta_gradients_match_central_finite_differences(model64, kind, preservation):
+    # preservation > 0: the outer loss also holds R of the adapted prompts on the query
+    objective = Objective(model64, LossConfig(weight_text=5.0, weight_image=2.0, outer_preservation_weight=preservation))
     prompts = _fresh(model64.initial_prompts())
     regulator = _regulator(prompts, kind)
     support, query = _task()
@@ -211,3 +212,47 @@ def test_no_meta_step_evaluates_outer_loss_at_initial_prompts(model64):
         logits = objective.logits(objective.image_features(prompts, query.images), objective.text_features(prompts, classes))
     assert float(result.loss) == pytest.approx(float(task_loss(logits, y_query)), rel=1e-10)
     assert all(float(g.abs().sum()) == 0 for g in result.regulator_grads.values())
+
+
+@pytest.mark.parametrize("mixup", [True, False])
+def test_outer_preservation_adds_exactly_weight_times_query_regularizer(model64, mixup):
+    prompts = _fresh(model64.initial_prompts())
+    regulator = _regulator(prompts, "modulate")
+    support, query = _task()
+    cfg = MetaConfig(inner_steps=2, inner_lr=0.5, outer_weight=1.5)
+    weight = 0.7
+
+    def outer(w):
+        objective = Objective(model64, LossConfig(weight_text=5.0, weight_image=2.0, mixup=mixup,
+                                                  outer_preservation_weight=w))
+        return objective, bilevel_loss(objective, prompts, regulator, support, query, cfg,
+                                       torch.Generator().manual_seed(5))
+
+    _, plain = outer(0.0)
+    objective, with_term = outer(weight)
+    # R of the adapted prompts on the query, computed on its own: the query's images and its own class texts
+    adapted = inner_loop(lambda p: objective.terms(p, objective.with_frozen(support)), prompts, regulator,
+                         cfg.inner_steps, cfg.inner_lr).prompts
+    reg_q = objective.terms(adapted, query).reg
+    expected = float(plain.loss.detach()) + cfg.outer_weight * weight * float(reg_q.detach())
+    assert float(with_term.loss.detach()) == pytest.approx(expected, rel=1e-10)
+    assert float(with_term.values["query_reg_after"]) == pytest.approx(float(reg_q.detach()), rel=1e-10)
+    assert "query_reg_after" not in plain.values  # off by default: today's outer loss
+    assert float(reg_q.detach()) > 0
+
+
+def test_support_task_before_and_after_share_the_support_label_space(model64):
+    """Cross-domain-like task (the query brings a class the support lacks): with a zero inner step the
+    prompts do not change, so the support loss after adaptation must equal the one before."""
+    objective = Objective(model64, LossConfig())
+    prompts = _fresh(model64.initial_prompts())
+    regulator = _regulator(prompts, "modulate")
+    support, query = _task()
+    assert set(query.classnames) - set(support.classnames)  # the union label space is wider
+    result = meta_step(objective, prompts, regulator, support, query, MetaConfig(inner_lr=0.0))
+    m = result.metrics
+    assert m.support_task_after == pytest.approx(m.support_task_before, rel=1e-10)
+    with torch.no_grad():  # and both are the loss among the support's own classes
+        logits = objective.logits(objective.image_features(prompts, support.images),
+                                  objective.text_features(prompts, support.classnames))
+    assert m.support_task_after == pytest.approx(float(task_loss(logits, support.labels)), rel=1e-10)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -28,7 +29,8 @@ def test_pretrain_runs_and_writes_artifact(task_data, tmp_path):
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2, 3, 4]
     for key in ("outer_loss", "query_acc_after", "gamma_mean", "meta_grad_norm_regulator", "samples_per_s",
-                "regulator_update", "data/samples", "nonfinite_steps", "lr"):
+                "regulator_update", "regulator_relative_change", "regulator_grad_norm", "prompts_grad_norm",
+                "data/samples", "nonfinite_steps", "lr"):
         assert key in lines[-1], key
     assert all(x["regulator_update"] > 0 for x in lines)  # the regulator learns from step 1
     assert [s for s, _ in list_checkpoints(run)] == [2, 4]
@@ -73,8 +75,11 @@ def test_preempt_then_resume_equals_uninterrupted(task_data, tmp_path, monkeypat
         assert torch.allclose(a.prompts[k], b.prompts[k], atol=1e-6, rtol=0), k
     for k in a.regulator_state:
         assert torch.allclose(a.regulator_state[k], b.regulator_state[k], atol=1e-6, rtol=0), k
-    steps = [json.loads(x)["step"] for x in (part / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5]
+    lines = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4, 5]
+    # the resumed run measures the regulator's change from the same phi_0 as the uninterrupted one
+    uninterrupted = json.loads((full / "metrics.jsonl").read_text().splitlines()[-1])
+    assert lines[-1]["regulator_relative_change"] == pytest.approx(uninterrupted["regulator_relative_change"], rel=1e-5)
     ckpt = load_checkpoint(list_checkpoints(part)[-1][1])
     assert ckpt["step"] == 5 and ckpt["world_size"] == 1
 
@@ -87,3 +92,17 @@ def test_bad_configs_fail_before_training(task_data, tmp_path):
     with pytest.raises(ConfigError, match="optim.stepz"):
         pretrain.main(pretrain_overrides(task_data, tmp_path / "c", extra=("optim.stepz=3",)))
     assert not (tmp_path / "a" / "checkpoints").exists()
+
+
+def test_concept_names_longer_than_the_text_context_are_refused(task_data, tmp_path):
+    """A clustering whose names were fitted for another model or prompt length: refused before training,
+    naming the cluster settings that refit them (tiny-vit-s: 24-token context, 4 prompt tokens)."""
+    clusters = tmp_path / "clusters"
+    shutil.copytree(task_data["clusters_dir"], clusters)
+    concepts = json.loads((clusters / "concepts.json").read_text())
+    concepts[0]["name"] = " ".join(["zanzibarkilimanjaro expedition"] * 6)
+    (clusters / "concepts.json").write_text(json.dumps(concepts))
+    data = {**task_data, "clusters_dir": str(clusters)}
+    with pytest.raises(ConfigError, match="name_tokenizer=tiny-vit-s name_prompt_tokens=4"):
+        pretrain.main(pretrain_overrides(data, tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from open_clip.transformer import PatchDropout
 
-from pipeline.backbone import load_backbone
+from pipeline.backbone import load_backbone, vision_tokens
 from pipeline.config import BackboneConfig, PromptConfig
 from pipeline.prompts import PromptedCLIP
 
@@ -185,3 +186,95 @@ def test_backbone_errors(tmp_path):
         load_backbone(BackboneConfig(arch="ViT-B-16", pretrained="not-a-tag"))
     with pytest.raises(ValueError, match="not an open_clip architecture"):
         load_backbone(BackboneConfig(arch="ViT-Q-99", pretrained=""))
+
+
+@pytest.mark.parametrize("arch", ["tiny-vit", "tiny-vit-s"])
+def test_vision_tokens_then_ln_pre_is_open_clip_embeds(arch):
+    """``ln_pre(vision_tokens(x))`` is open_clip's ``_embeds(x)``, also with patch dropout active (same RNG
+    draw): the one copy of open_clip's embedding code stays in step with the installed release."""
+    bb = make_backbone(arch)
+    visual = bb.model.visual
+    x = _images()
+    with torch.no_grad():
+        assert torch.equal(visual.ln_pre(vision_tokens(visual, x)), visual._embeds(x))
+        keep = visual.patch_dropout
+        visual.patch_dropout = PatchDropout(0.5).train()
+        try:
+            torch.manual_seed(3)
+            ours = visual.ln_pre(vision_tokens(visual, x))
+            torch.manual_seed(3)
+            ref = visual._embeds(x)
+        finally:
+            visual.patch_dropout = keep
+    n_patches = visual.positional_embedding.shape[0] - 1
+    assert ours.shape[1] == 1 + max(1, n_patches // 2) and torch.equal(ours, ref)
+
+
+def _layer_norm(x, ln):
+    return torch.nn.functional.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+
+
+def _reference_image_features(visual, images, vision_prompts):
+    """IVLP/MaPLe image forward written out from the tower's weights (ViT, ``tok`` pooling, batch first).
+
+    As in the reference code: prompts are appended to CLS + patches + positional embedding *before*
+    ``ln_pre``; before block ``i >= 1`` the last ``n`` tokens are replaced by ``vision_prompts[i]``.
+    """
+    assert visual.pool_type == "tok" and visual.attn_pool is None and not visual.final_ln_after_pool
+    batch, n = images.shape[0], vision_prompts.shape[1]
+    x = torch.nn.functional.conv2d(images, visual.conv1.weight, stride=visual.conv1.stride)  # [B, W, g, g]
+    x = x.flatten(2).transpose(1, 2)  # [B, g*g, W]
+    x = torch.cat([visual.class_embedding.expand(batch, 1, -1), x], dim=1) + visual.positional_embedding
+    x = torch.cat([x, vision_prompts[0].expand(batch, -1, -1)], dim=1)
+    x = _layer_norm(x, visual.ln_pre)
+    for i, block in enumerate(visual.transformer.resblocks):
+        if 1 <= i < vision_prompts.shape[0]:
+            x = torch.cat([x[:, :-n], vision_prompts[i].expand(batch, -1, -1)], dim=1)
+        assert isinstance(block.ls_1, torch.nn.Identity) and isinstance(block.ls_2, torch.nn.Identity)
+        attn = block.attn
+        heads, width = attn.num_heads, x.shape[-1]
+        h = _layer_norm(x, block.ln_1) @ attn.in_proj_weight.t() + attn.in_proj_bias
+        q, k, v = (t.reshape(batch, -1, heads, width // heads).transpose(1, 2) for t in h.chunk(3, dim=-1))
+        weights = torch.softmax(q @ k.transpose(-1, -2) / (width // heads) ** 0.5, dim=-1)
+        h = (weights @ v).transpose(1, 2).reshape(batch, -1, width)
+        x = x + attn.out_proj(h)
+        x = x + block.mlp(_layer_norm(x, block.ln_2))
+    return _layer_norm(x[:, 0], visual.ln_post) @ visual.proj
+
+
+def test_layer0_vision_prompts_go_through_ln_pre():
+    """Against a hand-written IVLP reference forward (float64, non-trivial ln_pre weight and bias):
+    image features, logits and the layer-0 vision prompt gradient agree. With the prompts inserted
+    after ln_pre (the former placement) this fails by orders of magnitude."""
+    bb = make_backbone("tiny-vit-s", precision="fp64", seed=11)
+    visual = bb.model.visual
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        visual.ln_pre.weight.copy_(1 + 0.5 * torch.randn(visual.ln_pre.weight.shape, generator=gen, dtype=torch.float64))
+        visual.ln_pre.bias.copy_(0.5 * torch.randn(visual.ln_pre.bias.shape, generator=gen, dtype=torch.float64))
+    model = PromptedCLIP(bb, PromptConfig(type="ivlp", depth_text=3, depth_vision=3, init_std=0.5),
+                         generator=torch.Generator().manual_seed(0))
+    prompts = {k: v.detach().clone().requires_grad_(True) for k, v in model.initial_prompts().items()}
+    x, y = _images(4, seed=6, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
+    ce = torch.nn.functional.cross_entropy
+
+    ours_img = model.encode_image(x, prompts)
+    ours_logits = model.logits(x, CLASSES, prompts)
+    ours_grad = torch.autograd.grad(ce(ours_logits, y), prompts["vision"])[0]
+
+    ref_img = _reference_image_features(visual, x, prompts["vision"])
+    txt = model.encode_classes(CLASSES, prompts)
+    ref_logits = model.logit_scale * torch.nn.functional.normalize(ref_img, dim=-1) @ txt.t()
+    ref_grad = torch.autograd.grad(ce(ref_logits, y), prompts["vision"])[0]
+
+    d_img = (ours_img - ref_img).abs().max().item()
+    d_logits = (ours_logits - ref_logits).abs().max().item()
+    d_grad0 = (ours_grad[0] - ref_grad[0]).abs().max().item()
+    d_grad = (ours_grad - ref_grad).abs().max().item()
+    print(f"max abs diff: features {d_img:.1e}, logits {d_logits:.1e}, layer-0 grad {d_grad0:.1e} "
+          f"(|grad| {ref_grad[0].abs().max().item():.1e}), all rows {d_grad:.1e}")
+    scale = ref_grad[0].abs().max().item()
+    assert scale > 1e-3  # the layer-0 prompt matters, so the comparison means something
+    assert d_img <= 1e-6 and d_logits <= 1e-6
+    # the gradients are ~5e-3, so also relative: the old placement is off by ~80% of the gradient
+    assert d_grad0 <= 1e-6 and d_grad <= 1e-6 and d_grad0 <= 1e-9 * scale

@@ -134,3 +134,18 @@ def test_stage2_checkpoint_of_the_old_layout_resumes_like_no_interruption(tmp_pa
         assert torch.allclose(a.regulator_state[k], b.regulator_state[k], atol=1e-6, rtol=0), k
     ra, rb = (json.loads((d / "results.json").read_text()) for d in (full, part))
     assert (ra["train"]["steps"], ra["base"]["correct"]) == (rb["train"]["steps"], rb["base"]["correct"])
+
+
+def test_resume_config_policy(caplog):
+    from pipeline.train_state import check_resume_config
+
+    old = {"optim": {"lr": 0.1, "steps": 10}, "tracking": {"log_every": 1}}
+    with pytest.raises(ConfigError, match=r"optim.lr: 0.1 -> 0.2"):
+        check_resume_config(old, {**old, "optim": {"lr": 0.2, "steps": 10}}, ("tracking",), "ckpt")
+    with pytest.raises(ConfigError, match=r"optim.lr: 0.1 -> '\(absent\)'"):  # a setting that disappeared
+        check_resume_config(old, {**old, "optim": {"steps": 10}}, ("tracking",), "ckpt")
+    with caplog.at_level("WARNING", logger="pipeline.train_state"):
+        # applied keys and settings added since the checkpoint was written take effect, logged
+        check_resume_config(old, {"optim": {"lr": 0.1, "steps": 10, "new_knob": 3}, "tracking": {"log_every": 5}},
+                            ("tracking",), "ckpt")
+    assert "optim.new_knob changed '(absent)' -> 3" in caplog.text and "tracking.log_every changed 1 -> 5" in caplog.text

@@ -196,9 +196,40 @@ def clean_caption(text: str, max_words: int = 12) -> str:
     return name or "thing"
 
 
+TEXT_SPECIAL_TOKENS = 2
+"""Tokens the tokenizer adds around every text: SOS and EOT."""
+NAME_SUFFIX_TOKENS = 1
+"""Tokens after the name in a prompted class text ``"X .. X <name>."``: the ``.``
+(:meth:`pipeline.prompts.PromptedCLIP.class_tokens`). CLIP's BPE splits punctuation from words before
+merging, so the ``.`` is one token of its own after a cleaned name (which ends in a word character)."""
+
+
+def name_token_budget(context_length: int, n_ctx_text: int) -> int:
+    """Tokens a concept name may have so its prompted class text fits the text context untruncated:
+    ``context_length - SOS/EOT - n_ctx_text placeholders - "."``. Exact for CLIP's BPE, which tokenizes
+    the space-separated placeholders, the name and the ``.`` independently."""
+    return context_length - TEXT_SPECIAL_TOKENS - n_ctx_text - NAME_SUFFIX_TOKENS
+
+
+def token_counter(tokenizer) -> Callable[[str], int]:
+    """``text -> number of tokens`` (SOS/EOT excluded) of an open_clip tokenizer: its ``encode`` (CLIP's
+    BPE), or the wrapped Hugging Face tokenizer without special tokens."""
+    encode = getattr(tokenizer, "encode", None)
+    if callable(encode):
+        return lambda text: len(encode(text))
+    hf = getattr(tokenizer, "tokenizer", None)
+    if hf is not None:
+        return lambda text: len(hf(text, add_special_tokens=False)["input_ids"])
+    raise TypeError(f"cannot count the tokens of a {type(tokenizer).__name__}")
+
+
 def fit_name_to_tokens(name: str, count_tokens: Callable[[str], int], budget: int) -> str:
-    """Drop trailing words until ``count_tokens(name) <= budget`` (prompt tokens + name must fit)."""
+    """Drop trailing words until ``count_tokens(name) <= budget``; a single word still too long is cut
+    character by character (a name of one 300-character word must fit too)."""
     words = name.split()
     while len(words) > 1 and count_tokens(" ".join(words)) > budget:
         words.pop()
-    return " ".join(words)
+    name = " ".join(words)
+    while len(name) > 1 and count_tokens(name) > budget:
+        name = name[:-1].rstrip()
+    return name

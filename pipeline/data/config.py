@@ -79,6 +79,11 @@ class FewShotConfig:
     """Where sampled shot indices are stored so every method trains on the same images."""
     split_file: str = ""
     """Override the split file (CoOp ``split_zhou_*.json`` format); empty uses the dataset's own."""
+    augment: str = ""
+    """Training augmentation preset (:mod:`pipeline.augment`): ``coop`` (random resized crop, scale 0.08-1,
+    plus horizontal flip: natural images), ``noflip`` (the same crop, no flip: glyphs and digits, where a
+    mirror image is another class or none), ``open_clip`` (open_clip's own, scale 0.9-1); empty = the
+    dataset's choice (``DatasetInfo.augment``)."""
 
 
 SUBSAMPLES = ("all", "base", "new")

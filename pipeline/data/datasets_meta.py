@@ -3,7 +3,8 @@
 The layout is the one CoOp's data preparation guide produces (``<root>/<dataset_dir>/...``), so
 people can point this project at the folders they already have. Class names are read from the
 split files (or ``classnames.txt`` for the ImageNet family) and then cleaned by
-:func:`clean_classname`; the per-dataset prompt template is CoOp's single hand-written template.
+:func:`clean_classname`; the per-dataset prompt template is CoOp's single hand-written template, and
+each dataset names its training augmentation preset (:func:`augment_for`, :mod:`pipeline.augment`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ class DatasetInfo:
     """Split file name inside ``dataset_dir`` for ``coop_split`` datasets."""
     rename: dict[str, str] = field(default_factory=dict)
     """Raw class name -> readable class name, for datasets whose folder names are not words."""
+    augment: str = "coop"
+    """Training augmentation preset (:data:`pipeline.augment.AUGMENT_PRESETS`): ``coop`` (random resized
+    crop + horizontal flip, CoOp's recipe for natural images) or ``noflip`` (the same crop, no flip: for
+    glyphs and digits a mirror image is another symbol)."""
 
 
 # EuroSAT's folder names are CamelCase abbreviations; CoOp prompts with these readable names.
@@ -72,7 +77,8 @@ DATASETS: dict[str, DatasetInfo] = {
               rename=_EUROSAT_NAMES),
         _coop("UCF101", "ucf101", "UCF-101-midframes", "split_zhou_UCF101.json",
               "a photo of a person doing {}."),
-        _coop("Digits", "digits", "images", "split_zhou_Digits.json", "a photo of the digit {}."),
+        _coop("Digits", "digits", "images", "split_zhou_Digits.json", "a photo of the digit {}.",
+              augment="noflip"),
         DatasetInfo("ImageNetV2", "imagenetv2", "imagenetv2-matched-frequency-format-val",
                     "imagenet_variant", "a photo of a {}."),
         DatasetInfo("ImageNetSketch", "imagenet-sketch", "images", "imagenet_variant", "a photo of a {}."),
@@ -113,6 +119,17 @@ def template_for(dataset: str) -> str:
     """The CoOp prompt template of ``dataset`` (``"a photo of a {}."`` for unknown names)."""
     info = DATASETS.get(dataset)
     return info.template if info is not None else "a photo of a {}."
+
+
+FOLDER_AUGMENT = "noflip"
+"""Augmentation preset of ``dataset=folder``: its content is unknown, and flipping is only safe for
+natural images (a flipped glyph is another class), so the folder set does not flip."""
+
+
+def augment_for(dataset: str) -> str:
+    """The training augmentation preset ``dataset`` chooses (``DatasetInfo.augment``; ``folder`` ->
+    :data:`FOLDER_AUGMENT`). Raises ``KeyError`` for an unknown dataset, like :func:`get_info`."""
+    return FOLDER_AUGMENT if dataset == "folder" else get_info(dataset).augment
 
 
 def get_info(dataset: str) -> DatasetInfo:

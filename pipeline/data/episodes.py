@@ -267,16 +267,17 @@ class EpisodeSampler:
             names = names + [self.table.name[c] for c in q_concepts]
         else:
             d_q, q_concepts, q_labels = d_s, s_concepts, list(range(n))
-        # pick first, decode, and only then pop: an undecodable image is dropped and the task retried
-        s_picks = [(c, self._pick(c, k)) for c in s_concepts]
-        q_picks = [(c, self._pick(c, q)) for c in q_concepts]
+        # pick first, decode, and only then pop: an undecodable image is dropped and the task retried.
+        # One draw per concept, each used: K then Q positions from distinct concepts (cross-domain), or
+        # K + Q at once split into support and query (same concepts: the two must be disjoint).
         if cross:
+            s_picks = [(c, self._pick(c, k)) for c in s_concepts]
+            q_picks = [(c, self._pick(c, q)) for c in q_concepts]
             picks = s_picks + q_picks
-        else:  # same concepts: support and query picks must be disjoint, so draw K+Q at once and split
-            both = [(c, self._pick(c, k + q)) for c in s_concepts]
-            s_picks = [(c, idx[:k]) for c, idx in both]
-            q_picks = [(c, idx[k:]) for c, idx in both]
-            picks = both
+        else:
+            picks = [(c, self._pick(c, k + q)) for c in s_concepts]
+            s_picks = [(c, idx[:k]) for c, idx in picks]
+            q_picks = [(c, idx[k:]) for c, idx in picks]
         decoded = self._decode(picks)
         if decoded is None:
             return None

@@ -1,4 +1,4 @@
-"""The end-to-end digits demo: demo backbone -> stage 1 -> stage 2 (4 methods x 3 seeds) -> report.
+"""The end-to-end digits demo: demo backbone -> stage 1 -> stage 2 (5 methods x 3 seeds) -> report.
 
     python -m pipeline.digits_demo [--seeds 1 2 3] [--force]
 
@@ -7,9 +7,10 @@ Run from the repository root. Steps, each cached or idempotent:
 1. ``python -m pipeline.pretrain`` with no arguments: builds the digits data, the demo backbone
    (open_clip_train), features and clusters when missing, then stage-1 meta-pretraining into
    ``runs/demo/pretrain/artifact.pt`` (a finished run is resumed at its last step, i.e. not redone);
-2. ``configs/finetune/demo.yaml`` on the 5 base digits for every seed: ``zeroshot``, ``ivlp``,
-   ``prometar`` (prompts from "a photo of a") and ``prometar_stage1`` (prompts and regulator from the
-   stage-1 artifact), each evaluated on base and new digits in their own label spaces;
+2. ``configs/finetune/demo.yaml`` on the 5 base digits for every seed: ``zeroshot`` (frozen CLIP),
+   ``ivlp`` (cross-entropy only), ``promptsrc_lite`` (cross-entropy + fixed L1 consistency),
+   ``prometar`` (prompts from "a photo of a") and ``prometar_stage1`` (``prometar`` with prompts and
+   regulator from the stage-1 artifact), each evaluated on base and new digits in their own label spaces;
 3. ``python -m pipeline.report runs/demo/finetune``: ``report.md``, ``report.csv`` and plots there.
 
 ``--force`` reruns the stage-2 runs that already have results (stage 1 is never redone here).
@@ -29,10 +30,11 @@ ARTIFACT = "runs/demo/pretrain/artifact.pt"
 RUNS = [
     ("zeroshot", ["method=zeroshot"]),
     ("ivlp", ["method=ivlp"]),
+    ("promptsrc_lite", ["method=promptsrc_lite"]),
     ("prometar", ["method=prometar"]),
     ("prometar_stage1", ["method=prometar", "init=artifact", f"artifact={ARTIFACT}", "name=prometar_stage1"]),
 ]
-"""(name, overrides) of the compared methods."""
+"""(name, overrides) of the compared methods (presets of pipeline.finetune_config.METHOD_PRESETS)."""
 
 
 def main(argv: list[str] | None = None) -> int:

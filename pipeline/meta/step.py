@@ -3,8 +3,9 @@
 ``bilevel_loss``: inner adaptation on the support set (:func:`~pipeline.meta.inner.inner_loop`), then
 the outer loss of the adapted prompts on the query set, in the union label space of support and query,
 on manifold-mixup virtual samples (query image features mixed with support image features; see
-:mod:`pipeline.meta.losses`). Support and query images go through the adapted image tower in one batched
-forward, and the union class texts in one text forward.
+:mod:`pipeline.meta.losses`), plus ``LossConfig.outer_preservation_weight`` times the regularizer ``R``
+of the adapted prompts on the query. Support and query images go through the adapted image tower in one
+batched forward, and the union class texts in one text forward.
 
 ``meta_step`` (stage 1, one task): the outer gradients w.r.t. the initial prompts and the regulator
 parameters plus named metrics. It applies no update: the entry point averages the gradients over the
@@ -21,7 +22,14 @@ from torch import Tensor
 
 from pipeline.meta.config import MetaConfig, validate_meta
 from pipeline.meta.inner import inner_loop
-from pipeline.meta.losses import accuracy, mix_features, mixup_cross_entropy, sample_mixup, task_loss
+from pipeline.meta.losses import (
+    accuracy,
+    mix_features,
+    mixup_cross_entropy,
+    preservation_loss,
+    sample_mixup,
+    task_loss,
+)
 from pipeline.meta.objective import Batch, Objective
 from pipeline.meta.regulator import Regulator
 from pipeline.prompts import Prompts
@@ -32,13 +40,18 @@ class MetaMetrics:
     """Named, detached metrics of one meta step (floats; NaN where not computed)."""
 
     outer_loss: float = math.nan
-    """Outer loss (mixup loss on the query when mixup is on), before ``outer_weight``."""
+    """Outer loss (mixup loss on the query when mixup is on, plus ``outer_preservation_weight`` times
+    ``query_reg_after``), before ``outer_weight``."""
     support_task_before: float = math.nan
-    """Task loss on the support set at the initial prompts."""
+    """Task loss on the support set at the initial prompts, among the support's own classes."""
     support_reg_before: float = math.nan
     """Regularizer on the support set at the initial prompts."""
     support_task_after: float = math.nan
-    """Task loss on the support set after adaptation (from the outer forward; mixup only)."""
+    """Task loss on the support set after adaptation, among the support's own classes like
+    ``support_task_before`` (from the outer forward; mixup only)."""
+    query_reg_after: float = math.nan
+    """Regularizer ``R`` of the adapted prompts on the query set (only when
+    ``LossConfig.outer_preservation_weight`` > 0, where it is part of the outer loss)."""
     query_loss_before: float = math.nan
     """Plain query cross-entropy at the initial prompts (``MetaConfig.log_query_before``)."""
     query_loss_after: float = math.nan
@@ -112,7 +125,13 @@ def bilevel_loss(
     cfg: MetaConfig,
     generator: torch.Generator | None = None,
 ) -> BilevelOutput:
-    """Inner steps on ``support``, outer loss of the adapted prompts on ``query`` (mixup virtual tasks)."""
+    """Inner steps on ``support``, outer loss of the adapted prompts on ``query`` (mixup virtual tasks).
+
+    The outer loss is scored in the union label space of support and query (:func:`union_label_space`);
+    with ``objective.cfg.outer_preservation_weight`` ``w > 0`` it adds ``w * R``, the knowledge-preservation
+    regularizer of the adapted prompts on the query (its images against their frozen features, its own
+    class texts against theirs), which is what :meth:`Objective.terms` gives for ``query``.
+    """
     support = objective.with_frozen(support)
     steps = cfg.inner_steps if cfg.meta_step else 0
     inner = inner_loop(
@@ -126,7 +145,8 @@ def bilevel_loss(
         first = inner.steps[0]
         values.update({k: v for k, v in first.items() if k not in ("task", "reg")})
         values.update(support_task_before=first["task"], support_reg_before=first["reg"])
-    text = objective.text_features(adapted, classes)  # [C_union, D]
+    text = objective.text_features(adapted, classes)  # [C_union, D]; the support's classes come first
+    n_support_classes = len(support.classnames)
     if loss_cfg.mixup:
         n_s = len(support)
         image = objective.image_features(adapted, torch.cat([support.images, query.images]))  # [n_s + n_q, D]
@@ -135,10 +155,17 @@ def bilevel_loss(
         mixed = mix_features(image_q, image_s, sample)
         partner_labels = y_support[sample.partner.to(y_support.device)]
         outer = mixup_cross_entropy(objective.logits(mixed, text), y_query, partner_labels, sample.lam)
-        values["support_task_after"] = task_loss(objective.logits(image_s.detach(), text.detach()), y_support)
+        # the support's own label space, as support_task_before (the inner loop's task loss): scored among
+        # the union classes, a cross-domain task's query names would add N distractors after adaptation only
+        support_logits = objective.logits(image_s.detach(), text[:n_support_classes].detach())
+        values["support_task_after"] = task_loss(support_logits, y_support)
     else:
         image_q = objective.image_features(adapted, query.images)
         outer = task_loss(objective.logits(image_q, text), y_query)
+    if loss_cfg.outer_preservation_weight:
+        reg_q = query_preservation(objective, query, image_q, text, classes)
+        values["query_reg_after"] = reg_q.detach()
+        outer = outer + loss_cfg.outer_preservation_weight * reg_q
     logits_q = objective.logits(image_q.detach(), text.detach())
     values.update(outer_loss=outer.detach(), query_loss_after=task_loss(logits_q, y_query))
     values["query_acc_after"] = accuracy(logits_q, y_query)
@@ -149,6 +176,24 @@ def bilevel_loss(
             )
             values["query_loss_before"] = task_loss(logits_0, y_query)
     return BilevelOutput(loss=cfg.outer_weight * outer, values=values)
+
+
+def query_preservation(objective: Objective, query: Batch, image_q: Tensor, text: Tensor,
+                       classes: tuple[str, ...]) -> Tensor:
+    """The regularizer ``R`` of the adapted prompts on ``query`` from features the outer step already has.
+
+    ``image_q``: ``[n_q, D]`` adapted query image features; ``text``: ``[C_union, D]`` adapted text features
+    of ``classes`` (the union label space). ``R`` is taken over the query's images and its own class texts,
+    as :meth:`Objective.terms` on ``query`` would, without a second forward of the adapted towers.
+    """
+    loss_cfg = objective.cfg
+    query = objective.with_frozen(query)  # f_0 of the query images (one no-grad forward)
+    index = {name: i for i, name in enumerate(classes)}
+    rows = torch.tensor([index[n] for n in query.classnames], dtype=torch.long, device=text.device)
+    text_frozen = objective.frozen_text(query.classnames) if loss_cfg.weight_text else None
+    reg, _, _ = preservation_loss(image_q, query.frozen_image, text[rows], text_frozen,
+                                  loss_cfg.weight_image, loss_cfg.weight_text)
+    return reg
 
 
 @dataclass
