@@ -24,7 +24,7 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''
 
-# The end-to-end demo: demo backbone -> stage 1 (pipeline/pretrain.py) -> stage 2, 4 methods x 3 seeds -> table.
+# The end-to-end demo: demo backbone -> stage 1 (pipeline/pretrain.py) -> stage 2, 5 methods x 3 seeds -> table.
 demo: $(STAMP)
 	$(PY) -m pipeline.digits_demo
 

@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("pipeline.finetune", "stage-2 few-shot ProMetaR / IVLP / CoOp / zero-shot run, then evaluation"),
     "evaluate": ("pipeline.evaluate", "re-evaluate a saved stage-2 run (base/new/HM, other datasets)"),
     "report": ("pipeline.report", "aggregate a tree of runs into report.md, report.csv and plots"),
-    "demo-e2e": ("pipeline.digits_demo.run", "the end-to-end digits demo: stage 1, 4 methods x 3 seeds, report"),
+    "demo-e2e": ("pipeline.digits_demo.run", "the end-to-end digits demo: stage 1, 5 methods x 3 seeds, report"),
 }
 
 

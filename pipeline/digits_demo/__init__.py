@@ -4,6 +4,6 @@
   trained on the shards with open_clip's own trainer (``python -m pipeline.digits_demo.data``);
 - :mod:`pipeline.digits_demo.inputs`: their frozen features and clustering, the stage-1 demo inputs
   (what ``python -m pipeline.pretrain`` with no arguments runs on);
-- :mod:`pipeline.digits_demo.run`: stage 1, then stage 2 for 4 methods x 3 seeds, then the report
+- :mod:`pipeline.digits_demo.run`: stage 1, then stage 2 for 5 methods x 3 seeds, then the report
   (``python -m pipeline.digits_demo``, ``make demo``).
 """
