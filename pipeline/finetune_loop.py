@@ -39,7 +39,7 @@ from pipeline.meta.regulator import Regulator
 from pipeline.prompts import PromptedCLIP
 from pipeline.run_lock import RunLock
 from pipeline.tracking import Tracker, progress
-from pipeline.train_state import TrainState, config_changes
+from pipeline.train_state import TrainState, config_changes, is_under
 from pipeline.zeroshot import resolve_templates
 
 
@@ -185,7 +185,7 @@ def finished_results(cfg: FinetuneConfig, cfg_dict: dict) -> dict | None:
         raise ConfigError(f"{path} is unreadable or has no config ({type(e).__name__}: {e}); rerun with "
                           "force=true to replace it") from None
     changes = {k: v for k, v in config_changes(stored, cfg_dict).items()
-               if not any(k == p or k.startswith(p + ".") for p in RESULT_NEUTRAL)}
+               if not is_under(k, RESULT_NEUTRAL)}
     if changes:
         listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changes.items())[:6])
         raise ConfigError(f"{path} holds the results of another config ({listed}); its results do not answer this "

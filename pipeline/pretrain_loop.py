@@ -89,9 +89,10 @@ def check_concept_names(cfg: PretrainConfig, model: PromptedCLIP) -> None:
     count = token_counter(model.tokenizer)
     budget = name_token_budget(model.context_length, model.n_ctx_text)
     frozen_budget = model.context_length - TEXT_SPECIAL_TOKENS  # the template's text is all there is
+    templates = resolve_templates(cfg.frozen_templates, "{}")
     long = {}  # name -> (its tokens, tokens of its longest frozen text)
     for name in names:
-        n_name, n_frozen = count(name), max(count(t.format(name)) for t in resolve_templates(cfg.frozen_templates, "{}"))
+        n_name, n_frozen = count(name), max(count(t.format(name)) for t in templates)
         if n_name > budget or n_frozen > frozen_budget:
             long[name] = (n_name, n_frozen)
     if long:
@@ -312,11 +313,10 @@ def _train(cfg: PretrainConfig, cfg_dict: dict, dist: Distributed) -> dict:
     def save() -> None:
         digest = dist.verify_identical(params)  # ranks must hold bit-identical state at every checkpoint
         by_slot: dict[str, dict[str, int]] = {}
-        for part in dist.gather_objects(streams.before_epoch_of(step)):
-            by_slot.update(part)
         totals: Counter = Counter()
-        for c in dist.gather_objects(streams.counters()):
-            totals.update(c)
+        for before, counts in dist.gather_objects((streams.before_epoch_of(step), streams.counters())):
+            by_slot.update(before)
+            totals.update(counts)
         if dist.is_main:
             state.step, state.counters["nonfinite_steps"] = step, nonfinite_total
             state.data = {"counters": {k: int(totals.get(k, 0)) for k in COUNTERS}, "before_epoch_by_slot": by_slot}
@@ -421,9 +421,9 @@ def _reduce_metrics(metrics: list[dict[str, float]], dist: Distributed) -> dict[
     local = torch.tensor([[m[k] for k in keys] for m in metrics], dtype=torch.float64).mean(0)  # [n_metrics]
     dist.all_reduce_mean_([local])
     out = {k: float(v) for k, v in zip(keys, local.tolist()) if not math.isnan(v)}
+    ranks = dist.gather_objects({key: [m[key] for m in metrics if key in m] for key in EXTREMES})  # one collective
     for key, pick in EXTREMES.items():
-        values = [v for part in dist.gather_objects([m[key] for m in metrics if key in m]) for v in part]
-        values = [v for v in values if not math.isnan(v)]
+        values = [v for part in ranks for v in part[key] if not math.isnan(v)]
         if values:
             out[key] = float(pick(values))
     return out

@@ -158,7 +158,8 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, list | tuple) else value
 
 
-def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+def is_under(key: str, prefixes: tuple[str, ...]) -> bool:
+    """True when dotted ``key`` is one of ``prefixes`` or lies below one (``optim.lr`` under ``optim``)."""
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
@@ -167,7 +168,7 @@ def check_resume_config(old: dict[str, Any], new: dict[str, Any], applied: tuple
     changes = config_changes(old, new)
     # a setting the checkpoint's config does not have was added by a newer version of this code: it takes
     # its value from now on (logged below), since the old run had no such choice to disagree with
-    refused = {k: v for k, v in changes.items() if not _under(k, applied) and v[0] is not ABSENT}
+    refused = {k: v for k, v in changes.items() if not is_under(k, applied) and v[0] is not ABSENT}
     if refused:
         listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(refused.items())[:8])
         raise ConfigError(f"{where} was written under another config, and these settings cannot change when a run "

@@ -40,6 +40,19 @@ def _lock_file(run_dir, pid, host=None, job=""):
                                                  "slurm_job_id": job, "started": 0}))
 
 
+def kill_after_first_save(monkeypatch) -> None:
+    """Make a run die (KeyboardInterrupt) right after its first checkpoint is written."""
+    from pipeline.train_state import TrainState
+
+    real_save = TrainState.save
+
+    def killed(self, *a, **k):
+        path = real_save(self, *a, **k)
+        raise KeyboardInterrupt(f"killed after writing {path}")
+
+    monkeypatch.setattr(TrainState, "save", killed)
+
+
 def _dead_pid() -> int:
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
@@ -132,16 +145,9 @@ def test_resume_refuses_changed_settings_and_applies_operational_ones(task_data,
 
 
 def test_stage2_resume_refuses_a_changed_learning_rate(data_root, tmp_path, monkeypatch):
-    from pipeline.train_state import TrainState
 
     args = finetune_overrides(data_root, tmp_path, ("method=ivlp", "optim.epochs=2"))
-    real_save = TrainState.save
-
-    def killed(self, *a, **k):
-        real_save(self, *a, **k)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(TrainState, "save", killed)
+    kill_after_first_save(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         finetune.main(args)
     monkeypatch.undo()
@@ -199,17 +205,10 @@ def test_stage1_counters_after_a_resume_equal_an_uninterrupted_run(task_data, tm
 
 
 def test_stage2_metrics_after_a_resume_equal_an_uninterrupted_run(data_root, tmp_path, monkeypatch):
-    from pipeline.train_state import TrainState
 
     base = finetune_overrides(data_root, tmp_path, ("method=prometar", "optim.epochs=2"))
     assert finetune.main([*base, "name=full"]) == 0
-    real_save = TrainState.save
-
-    def killed(self, *a, **k):
-        real_save(self, *a, **k)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(TrainState, "save", killed)
+    kill_after_first_save(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         finetune.main([*base, "name=part"])
     monkeypatch.undo()

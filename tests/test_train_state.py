@@ -108,17 +108,12 @@ def test_stage1_checkpoint_of_the_old_layout_resumes_like_no_interruption(tmp_pa
 
 @pytest.mark.parametrize("method", ["prometar", "ivlp"])
 def test_stage2_checkpoint_of_the_old_layout_resumes_like_no_interruption(tmp_path, monkeypatch, method):
+    from .test_run_folders import kill_after_first_save
+
     root = make_coop_dataset(tmp_path / "data")
     base = finetune_overrides(root, tmp_path / "runs", (f"method={method}", "optim.epochs=3"))
     assert finetune.main([*base, "name=full"]) == 0
-    real_save, saves = TrainState.save, []
-
-    def killed_after_first_epoch(self, *args, **kwargs):
-        path = real_save(self, *args, **kwargs)
-        saves.append(path)
-        raise KeyboardInterrupt("killed after epoch 1")
-
-    monkeypatch.setattr(TrainState, "save", killed_after_first_epoch)
+    kill_after_first_save(monkeypatch)  # after epoch 1 of 3
     with pytest.raises(KeyboardInterrupt):
         finetune.main([*base, "name=part"])
     monkeypatch.undo()
