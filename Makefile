@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # build matching its own CUDA; these two releases install from the local wheel cache on our machines.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-all demo demo-pretrain bench lint clean
+.PHONY: install test test-all demo demo-pretrain bench gpu-check lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,12 @@ demo-pretrain: $(STAMP)
 # Every benchmark; writes its figures into docs/BENCHMARKS.md (~25 min on 2 cores; BENCH_ARGS=--quick).
 bench: $(STAMP)
 	$(PY) bench/run_all.py $(BENCH_ARGS)
+
+# On a machine with one CUDA GPU: gpu tests, ViT-B/16 bf16 meta benchmark, short stage 1 (plain and through
+# the DeepSpeed launcher config) and stage 2 from its artifact, < 8 min; summary in runs/gpu_check/ and the
+# gpu-check block of docs/BENCHMARKS.md. `$(PY) bench/gpu_check.py --dry-run` runs the same steps on the CPU.
+gpu-check: $(STAMP)
+	$(PY) bench/gpu_check.py --doc docs/BENCHMARKS.md
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipeline tests bench

@@ -55,6 +55,9 @@ BENCHES: dict[str, Bench] = {
                               "--no-memory", *_META),
                              ("--arch", "ViT-B-16", "--iters", "1", "--warmup", "0", "--classes", "10", "--threads", "2",
                               "--no-memory", "--batch", "4")),
+    "labels-vitb16-cpu": Bench("Label-space scaling, ViT-B/16 on the CPU", "bench_labels.py",
+                               ("--arch", "ViT-B-16", "--classes", "50,200,500,1000", "--threads", "2"),
+                               ("--quick", "--threads", "1")),
     "reader": Bench("Shard reader vs open_clip_train's loader", "bench_reader.py",
                     ("--workers", "2", "--reps", "5"), ("--workers", "2", "--reps", "1", "--shards", "4",
                                                        "--samples-per-shard", "100", "--train-samples", "400")),
@@ -69,6 +72,8 @@ BENCHES: dict[str, Bench] = {
                               "--classes", "50", *_META),
                              ("--device", "cuda", "--arch", "ViT-B-16", "--autocast", "bf16", "--iters", "3",
                               "--classes", "50", *_META), gpu=True),
+    # the whole one-command GPU check (also `make gpu-check`); its steps have their own sizes and deadline
+    "gpu-check": Bench("GPU check (`make gpu-check`)", "gpu_check.py", (), (), gpu=True),
 }
 
 

@@ -88,10 +88,12 @@ def launcher_rank(environ: Mapping[str, str] | None = None) -> int:
 
 def check_launcher(tasks_per_step: int, second_order: bool, environ: Mapping[str, str]) -> None:
     """The launcher's settings, read from the variables accelerate / torchrun / SLURM export, against
-    stage 1's config, before a process group starts: ``tasks_per_step`` must split evenly over the ranks, and
+    stage 1's config, before a process group starts: ``tasks_per_step`` must split evenly over the ranks,
     DeepSpeed ZeRO-3 is refused (accelerate would otherwise fail on an unrelated import, or, with
-    ``cpu=true``, silently drop DeepSpeed). ``Distributed.check_backend`` repeats the ZeRO check once
-    the plugin exists, for launchers that export nothing."""
+    ``cpu=true``, silently drop DeepSpeed), and so are DeepSpeed settings the loop would silently ignore
+    (gradient clipping, accumulation, offloading, a JSON ``optimizer``/``scheduler``): stage 1 builds no
+    DeepSpeed engine (launch/README.md, DeepSpeed). ``Distributed.check_backend`` repeats the ZeRO check
+    once the plugin exists, for launchers that export nothing."""
     world = launcher_world_size(environ)
     if world and tasks_per_step % world:
         raise ConfigError(f"tasks_per_step={tasks_per_step} is not divisible by the {world} ranks the "
@@ -100,19 +102,57 @@ def check_launcher(tasks_per_step: int, second_order: bool, environ: Mapping[str
         return
     stage = environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")  # accelerate's default
     source = f"ACCELERATE_DEEPSPEED_ZERO_STAGE={stage}"
+    # DeepSpeed settings the stage-1 loop would never apply (it builds no DeepSpeed engine), as (where, value)
+    settings = {
+        "gradient_clipping": ("ACCELERATE_GRADIENT_CLIPPING", environ.get("ACCELERATE_GRADIENT_CLIPPING")),
+        "gradient_accumulation_steps": ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
+                                        environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")),
+        "offload_optimizer_device": ("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE",
+                                     environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE")),
+        "offload_param_device": ("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE",
+                                 environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE")),
+    }
     ds_file = environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
     if ds_file and ds_file != "none":  # a DeepSpeed JSON config file wins over the accelerate fields
         path = require_file(ds_file, "ACCELERATE_DEEPSPEED_CONFIG_FILE (deepspeed_config_file of the launcher "
                             "config)")
         try:
-            zero = json.loads(path.read_text()).get("zero_optimization", {})
+            ds = json.loads(path.read_text())
+            zero = ds.get("zero_optimization", {})
         except (ValueError, AttributeError) as e:
             raise ConfigError(f"deepspeed_config_file {path}: not a DeepSpeed JSON config ({e})") from None
         if isinstance(zero, dict) and str(zero.get("stage", "auto")) != "auto":
             stage = zero["stage"]
             source = f"zero_optimization.stage={stage} in {path}"
+        for key in ("gradient_clipping", "gradient_accumulation_steps", "optimizer", "scheduler"):
+            if key in ds:
+                settings[key] = (f"{key} in {path}", ds[key])
+        for key in ("offload_optimizer", "offload_param"):
+            if isinstance(zero, dict) and isinstance(zero.get(key), dict):
+                settings[f"{key}_device"] = (f"zero_optimization.{key}.device in {path}", zero[key].get("device"))
     if str(stage).strip() == "3":
         raise zero3_error(source, second_order)
+    ignored = [f"{where}={value}" for name, (where, value) in settings.items()
+               if not _inert_deepspeed_setting(name, value)]
+    if ignored:
+        raise ConfigError(
+            f"DeepSpeed settings {', '.join(ignored)} would have no effect: stage 1 keeps its trainable state "
+            "(prompts + regulator) replicated, reduces its meta-gradients with one explicit all-reduce and steps "
+            "its own AdamW, so DeepSpeed's optimizer, scheduler, clipping, accumulation and offloading never run. "
+            "Use the stage-1 config instead (optim.grad_clip / regulator.grad_clip, tasks_per_step, "
+            "optim.lr / regulator.lr) and remove them from the launcher config (launch/README.md, DeepSpeed)")
+
+
+def _inert_deepspeed_setting(name: str, value) -> bool:
+    """Whether a DeepSpeed setting the loop does not apply is unset or at a value that changes nothing."""
+    text = str(value).strip().lower() if value is not None else "none"
+    if name in ("optimizer", "scheduler"):
+        return value is None
+    if name == "gradient_clipping":
+        return text in ("none", "auto", "", "0", "0.0")
+    if name == "gradient_accumulation_steps":
+        return text in ("none", "auto", "", "1")
+    return text in ("none", "")  # offload devices
 
 
 def zero3_error(source: str, second_order: bool) -> ConfigError:
@@ -212,11 +252,19 @@ class Distributed:
                             self.distributed_type, self.device)
             return
         stage = int(getattr(plugin, "zero_stage", 0) or 0)
-        if stage in (1, 2) and self.is_main:
-            log.warning("DeepSpeed ZeRO-%d: the meta-learner's state (prompts + regulator) stays replicated and is "
-                        "reduced explicitly; ZeRO partitioning does not apply to it", stage)
         if stage == 3:
             raise zero3_error("accelerate's DeepSpeed plugin", second_order)
+        ignored = [f"{name}={getattr(plugin, name, None)}" for name in
+                   ("gradient_clipping", "gradient_accumulation_steps", "offload_optimizer_device",
+                    "offload_param_device") if not _inert_deepspeed_setting(name, getattr(plugin, name, None))]
+        if ignored:  # the same refusal as check_launcher, for launchers that export nothing
+            raise ConfigError(f"DeepSpeed plugin settings {', '.join(ignored)} would have no effect: stage 1 "
+                              "builds no DeepSpeed engine; use optim.grad_clip / regulator.grad_clip and "
+                              "tasks_per_step instead (launch/README.md, DeepSpeed)")
+        if stage in (1, 2) and self.is_main:
+            log.warning("DeepSpeed ZeRO-%d: DeepSpeed provides the process group only; the meta-learner's state "
+                        "(prompts + regulator, replicated) is reduced by one explicit all-reduce and stepped by the "
+                        "pipeline's AdamW, so nothing is partitioned (launch/README.md, DeepSpeed)", stage)
 
     # ------------------------------------------------------------------ collectives
     @torch.no_grad()

@@ -11,7 +11,10 @@ a zero-shot run has none and uses frozen CLIP with the dataset's template. Accur
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -48,6 +51,10 @@ def accuracy(model: PromptedCLIP, prompts: Prompts | None, items, classnames: Se
 
     With ``prompts`` (possibly ``{}`` for a prompt-free learner) the classifier is the prompted class
     texts; with ``None`` it is frozen CLIP's ``template`` classifier (zero-shot).
+
+    Per-image results for paired statistics (:mod:`pipeline.suite.stats`): ``hits`` is one ``'0'``/``'1'``
+    per item in the order of ``items``, and ``items_sha`` (:func:`items_fingerprint`) identifies which
+    images were evaluated, in which order and with which labels.
     """
     device = model.clip.logit_scale.device
     if prompts is None:
@@ -56,28 +63,53 @@ def accuracy(model: PromptedCLIP, prompts: Prompts | None, items, classnames: Se
         text = model.encode_classes(classnames, prompts)  # [C, D]
     loader = DataLoader(ImageListDataset(items, transform), batch_size=batch_size, shuffle=False,
                         num_workers=workers)
-    correct, total = 0, 0
+    correct, total, hits = 0, 0, []
     per_class = torch.zeros(len(classnames), 2, dtype=torch.long)  # [C, (correct, total)]
     for images, labels in loader:
         feats = model.encode_image(images.to(device), prompts or None, normalize=True)
         pred = (feats @ text.to(feats.dtype).t()).argmax(-1).cpu()
         hit = pred == labels
         correct += int(hit.sum())
+        hits.append("".join("1" if h else "0" for h in hit.tolist()))
         total += int(labels.numel())
         per_class.index_add_(0, labels, torch.stack([hit.long(), torch.ones_like(labels)], dim=1))
     if total == 0:
         raise ValueError("no test images to evaluate")
     return {"accuracy": 100.0 * correct / total, "correct": correct, "total": total,
             "n_classes": len(classnames), "per_class_accuracy": [round(100.0 * c / max(t, 1), 4)
-                                                               for c, t in per_class.tolist()]}
+                                                               for c, t in per_class.tolist()],
+            "hits": "".join(hits), "items_sha": items_fingerprint(items)}
+
+
+def items_fingerprint(items) -> str:
+    """First 16 hex digits of the sha256 of ``<path>\\t<label>`` lines, one per item, in order.
+
+    Paths are taken relative to the items' common folder, so the same test images under another data
+    root give the same fingerprint; two runs' ``hits`` are pairable image by image only when it agrees.
+    """
+    paths = [str(x.path) for x in items]
+    try:
+        top = os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else ""
+    except ValueError:  # absolute and relative paths mixed, or several drives: keep the paths as they are
+        top = ""
+    lines = "\n".join(f"{Path(os.path.relpath(p, top)).as_posix() if top else p}\t{int(x.label)}"
+                      for p, x in zip(paths, items))
+    return hashlib.sha256(lines.encode("utf-8")).hexdigest()[:16]
 
 
 def evaluate(cfg: FinetuneConfig, model: PromptedCLIP, prompts: Prompts | None, transform) -> dict:
     """Every evaluation ``cfg.eval`` asks for; returns the ``results.json`` payload (without metadata)."""
     out: dict = {}
     for subset in cfg.eval.subsets:
-        fs = build_fewshot(replace(cfg.data, subsample=subset))
-        out[subset] = accuracy(model, prompts, fs.test, fs.classnames, fs.template, transform,
+        if cfg.eval.split == "val":
+            # the subset's whole validation split (not the min(K, 4)-shot val sampled for training): settings
+            # are chosen on it, and the test split is not read at all
+            fs = build_fewshot(replace(cfg.data, subsample=subset, k_shot=0))
+            items = fs.val
+        else:
+            fs = build_fewshot(replace(cfg.data, subsample=subset))
+            items = fs.test
+        out[subset] = accuracy(model, prompts, items, fs.classnames, fs.template, transform,
                                cfg.eval.batch_size, cfg.eval.workers)
         out[subset]["classnames"] = list(fs.classnames)
     if "base" in out and "new" in out:
@@ -168,9 +200,80 @@ def preflight(cfg: FinetuneConfig, run_dir: str | Path) -> None:
         if s not in ("all", "base", "new"):
             raise ConfigError(f"--subsets: {s!r} is not one of all/base/new")
     if cfg.eval.subsets:
-        check_dataset(cfg.data, "data", need=("test",))
+        check_dataset(cfg.data, "data", need=(cfg.eval.split,))
     for name in cfg.eval.targets:
         if name not in DATASETS:
             raise ConfigError(f"--targets: {name!r} is not a dataset; expected some of {sorted(DATASETS)}")
         check_dataset(replace(cfg.data, dataset=name, subsample="all", k_shot=0, split_file=""),
                       f"targets ({name})", need=("test",))
+
+
+# --- reading results.json (pipeline.report and pipeline.suite.stats) ---------------------------------------
+
+SUBSETS = ("base", "new", "all")
+DEFAULT_SUBSETS = ("base", "new")
+"""What a ``results.json`` must hold when it does not record ``config.eval.subsets`` (the protocol's default)."""
+
+
+class MalformedResults(ValueError):
+    """A ``results.json`` that the report cannot use; the message says why."""
+
+
+def _accuracy(value, where: str) -> float:
+    if not isinstance(value, dict):
+        raise MalformedResults(f"{where} is {type(value).__name__}, not an object with an accuracy")
+    if "accuracy" not in value:
+        raise MalformedResults(f"{where} has no 'accuracy'")
+    acc = value["accuracy"]
+    if isinstance(acc, bool) or not isinstance(acc, int | float) or not math.isfinite(acc):
+        raise MalformedResults(f"{where}.accuracy={acc!r} is not a finite number")
+    return float(acc)
+
+
+def parse_results(r) -> dict:
+    """One report row from the parsed content of a ``results.json``; :class:`MalformedResults` says why not.
+
+    Needs ``dataset`` (text), ``seed`` (integer), ``name`` or ``method`` (text), and an accuracy for every
+    class subset the run evaluated: ``config.eval.subsets`` when the file records it, else base and new.
+    Optional subsets (``all``) and ``targets`` must be well formed when present.
+    """
+    if not isinstance(r, dict):
+        raise MalformedResults(f"top level is a JSON {type(r).__name__}, not an object")
+    for key in ("dataset", "seed"):
+        if key not in r:
+            raise MalformedResults(f"missing key {key!r}")
+    if not isinstance(r["dataset"], str) or not r["dataset"]:
+        raise MalformedResults(f"dataset={r['dataset']!r} is not a dataset name")
+    if isinstance(r["seed"], bool) or not isinstance(r["seed"], int):
+        raise MalformedResults(f"seed={r['seed']!r} is not an integer")
+    name = r.get("name") or r.get("method")
+    if not isinstance(name, str) or not name:
+        raise MalformedResults("missing key 'name' or 'method' (the method label)")
+    subsets = DEFAULT_SUBSETS
+    cfg_eval = r.get("config", {}).get("eval", {}) if isinstance(r.get("config"), dict) else {}
+    if isinstance(cfg_eval, dict) and isinstance(cfg_eval.get("subsets"), list | tuple):
+        subsets = tuple(cfg_eval["subsets"])
+    row = {"dataset": r["dataset"], "name": name, "seed": r["seed"]}
+    for s in SUBSETS:
+        if s in r:
+            row[s] = _accuracy(r[s], s)
+        elif s in subsets:
+            raise MalformedResults(f"missing key {s!r} (the run evaluated {', '.join(subsets)})")
+    targets = r.get("targets", {})
+    if not isinstance(targets, dict):
+        raise MalformedResults(f"targets is {type(targets).__name__}, not an object")
+    row["targets"] = {k: _accuracy(v, f"targets.{k}") for k, v in targets.items()}
+    return row
+
+
+def read_results(path: Path) -> dict:
+    """The report row of one ``results.json`` file; :class:`MalformedResults` names what is wrong."""
+    try:
+        r = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise MalformedResults(f"not UTF-8 text ({e.reason})") from None
+    except json.JSONDecodeError as e:  # truncated by a killed writer, or edited by hand
+        raise MalformedResults(f"invalid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except OSError as e:
+        raise MalformedResults(f"unreadable ({e.strerror or e})") from None
+    return {**parse_results(r), "run_dir": str(path.parent)}

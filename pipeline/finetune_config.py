@@ -126,6 +126,9 @@ class EvalConfig:
     """Test images per forward."""
     workers: int = 0
     """DataLoader workers for test images."""
+    split: str = "test"
+    """Which held-out split is evaluated: ``test`` (reported results) or ``val`` (choosing settings: the
+    test split is then never read)."""
 
 
 @dataclass(frozen=True)
@@ -229,6 +232,11 @@ class FinetuneConfig:
             raise ConfigError("optim.epochs and optim.warmup_epochs must be >= 0, optim.batch_size >= 1")
         if self.optim.max_nonfinite < 1:
             raise ConfigError(f"optim.max_nonfinite={self.optim.max_nonfinite} must be >= 1")
+        if self.eval.split not in ("test", "val"):
+            raise ConfigError(f"eval.split={self.eval.split!r}: expected 'test' or 'val'")
+        if self.eval.split == "val" and self.eval.targets:
+            raise ConfigError("eval.split=val evaluates the training dataset's validation split; eval.targets are "
+                              "other datasets' test splits: run them with eval.split=test")
         for s in self.eval.subsets:
             if s not in ("all", "base", "new"):
                 raise ConfigError(f"eval.subsets: {s!r} is not one of all/base/new")

@@ -126,7 +126,8 @@ def preflight(cfg: FinetuneConfig, environ: Mapping[str, str] | None = None) -> 
     if cfg.init == "artifact":
         require_file(cfg.artifact, "artifact", "init=artifact needs the artifact.pt written by pipeline.pretrain")
     trains = cfg.method != "zeroshot" and cfg.optim.epochs > 0
-    splits = check_dataset(cfg.data, "data", need=("train", "test") if trains else ("test",))
+    held_out = cfg.eval.split  # test, or val when choosing settings
+    splits = check_dataset(cfg.data, "data", need=("train", held_out) if trains else (held_out,))
     if trains and cfg.data.k_shot > 0 and not cfg.allow_fewer_shots:
         check_shots(cfg.data, splits)
     for name in cfg.eval.targets:

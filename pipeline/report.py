@@ -1,6 +1,6 @@
 """Aggregate a tree of stage-2 runs into the standard base-to-new table, a CSV and plots.
 
-    python -m pipeline.report <runs_root> [--out DIR]
+    python -m pipeline.report <runs_root> [--out DIR] [--references]
 
 Reads every ``results.json`` under ``runs_root`` (datasets x methods x seeds, any layout). A file that
 cannot be used (truncated or invalid JSON, not an object, a missing or mistyped field) is skipped, named
@@ -10,7 +10,10 @@ and method: mean +- std over seeds of base and new accuracy, and HM = 2BN/(B+N) 
 Overall per method (datasets it has base and new results for): HM of the mean base and the mean new
 over datasets (docs/ARCHITECTURE.md section 6). Other-dataset targets (domain generalization, cross-dataset) get
 their own table of means. Writes ``report.md``, ``report.csv``, ``report_accuracy.png`` and
-``report_curves.png`` (training curves from each run's ``metrics.jsonl``).
+``report_curves.png`` (training curves from each run's ``metrics.jsonl``). With ``--references`` the
+report adds the papers' published 11-dataset averages (``pipeline/references/published_base_to_new.json``)
+beside this tree's own 11-dataset averages, or alone and marked not comparable when the tree does not
+cover the 11 base-to-new datasets.
 """
 
 from __future__ import annotations
@@ -19,87 +22,33 @@ import argparse
 import csv
 import io
 import json
-import math
 import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 from pipeline.config import ConfigError
-from pipeline.evaluation import RESULTS_FILE, harmonic_mean
+from pipeline.data.datasets_meta import BASE_TO_NEW
+
+# reading results.json lives next to writing it (pipeline.evaluation); re-exported here for old imports
+from pipeline.evaluation import (  # noqa: F401
+    DEFAULT_SUBSETS,
+    RESULTS_FILE,
+    SUBSETS,
+    MalformedResults,
+    harmonic_mean,
+    parse_results,
+    read_results,
+)
 from pipeline.fileio import atomic_write, atomic_write_text
 
-SUBSETS = ("base", "new", "all")
-DEFAULT_SUBSETS = ("base", "new")
-"""What a ``results.json`` must hold when it does not record ``config.eval.subsets`` (the protocol's default)."""
+REFERENCES_FILE = Path(__file__).parent / "references" / "published_base_to_new.json"
+"""Published 11-dataset base-to-new averages of other methods, with their sources."""
+REFERENCE_BACKBONE, REFERENCE_SHOTS = "ViT-B/16", 16
 
 
 class NoResults(ConfigError, FileNotFoundError):
     """``runs_root`` holds no usable ``results.json`` (none at all, or every one was skipped)."""
-
-
-class MalformedResults(ValueError):
-    """A ``results.json`` that the report cannot use; the message says why."""
-
-
-def _accuracy(value, where: str) -> float:
-    if not isinstance(value, dict):
-        raise MalformedResults(f"{where} is {type(value).__name__}, not an object with an accuracy")
-    if "accuracy" not in value:
-        raise MalformedResults(f"{where} has no 'accuracy'")
-    acc = value["accuracy"]
-    if isinstance(acc, bool) or not isinstance(acc, int | float) or not math.isfinite(acc):
-        raise MalformedResults(f"{where}.accuracy={acc!r} is not a finite number")
-    return float(acc)
-
-
-def parse_results(r) -> dict:
-    """One report row from the parsed content of a ``results.json``; :class:`MalformedResults` says why not.
-
-    Needs ``dataset`` (text), ``seed`` (integer), ``name`` or ``method`` (text), and an accuracy for every
-    class subset the run evaluated: ``config.eval.subsets`` when the file records it, else base and new.
-    Optional subsets (``all``) and ``targets`` must be well formed when present.
-    """
-    if not isinstance(r, dict):
-        raise MalformedResults(f"top level is a JSON {type(r).__name__}, not an object")
-    for key in ("dataset", "seed"):
-        if key not in r:
-            raise MalformedResults(f"missing key {key!r}")
-    if not isinstance(r["dataset"], str) or not r["dataset"]:
-        raise MalformedResults(f"dataset={r['dataset']!r} is not a dataset name")
-    if isinstance(r["seed"], bool) or not isinstance(r["seed"], int):
-        raise MalformedResults(f"seed={r['seed']!r} is not an integer")
-    name = r.get("name") or r.get("method")
-    if not isinstance(name, str) or not name:
-        raise MalformedResults("missing key 'name' or 'method' (the method label)")
-    subsets = DEFAULT_SUBSETS
-    cfg_eval = r.get("config", {}).get("eval", {}) if isinstance(r.get("config"), dict) else {}
-    if isinstance(cfg_eval, dict) and isinstance(cfg_eval.get("subsets"), list | tuple):
-        subsets = tuple(cfg_eval["subsets"])
-    row = {"dataset": r["dataset"], "name": name, "seed": r["seed"]}
-    for s in SUBSETS:
-        if s in r:
-            row[s] = _accuracy(r[s], s)
-        elif s in subsets:
-            raise MalformedResults(f"missing key {s!r} (the run evaluated {', '.join(subsets)})")
-    targets = r.get("targets", {})
-    if not isinstance(targets, dict):
-        raise MalformedResults(f"targets is {type(targets).__name__}, not an object")
-    row["targets"] = {k: _accuracy(v, f"targets.{k}") for k, v in targets.items()}
-    return row
-
-
-def read_results(path: Path) -> dict:
-    """The report row of one ``results.json`` file; :class:`MalformedResults` names what is wrong."""
-    try:
-        r = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise MalformedResults(f"not UTF-8 text ({e.reason})") from None
-    except json.JSONDecodeError as e:  # truncated by a killed writer, or edited by hand
-        raise MalformedResults(f"invalid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
-    except OSError as e:
-        raise MalformedResults(f"unreadable ({e.strerror or e})") from None
-    return {**parse_results(r), "run_dir": str(path.parent)}
 
 
 def collect(root: str | Path) -> tuple[list[dict], list[tuple[str, str]]]:
@@ -258,8 +207,96 @@ def plot_curves(rows: list[dict], path: Path, metric: str = "reg_step/task") -> 
     return True
 
 
-def report(root: str | Path, out: str | Path | None = None) -> dict:
-    """Write the report files for the runs under ``root``; returns paths and the aggregate."""
+def load_references(path: str | Path = REFERENCES_FILE) -> dict:
+    """The published-averages data file, checked: every method has numeric ``base``/``new``/``hm`` (HM the
+    harmonic mean of base and new within 0.01), ``backbone``, ``shots`` and a ``source`` with ``paper``,
+    ``venue`` and ``table``; :class:`ConfigError` names what is wrong."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        methods = data["methods"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"references: {path} is not a readable references file ({type(e).__name__}: {e})") from None
+    if not isinstance(methods, dict) or not methods:
+        raise ConfigError(f"references: {path}: 'methods' is not a non-empty object")
+    for name, m in methods.items():
+        where = f"references: {path}: {name}"
+        if not isinstance(m, dict):
+            raise ConfigError(f"{where} is not an object")
+        for key in ("base", "new", "hm"):
+            if isinstance(m.get(key), bool) or not isinstance(m.get(key), int | float):
+                raise ConfigError(f"{where}: {key}={m.get(key)!r} is not a number")
+        if abs(harmonic_mean(m["base"], m["new"]) - m["hm"]) > 0.01:
+            raise ConfigError(f"{where}: hm={m['hm']} is not the harmonic mean of base={m['base']} and "
+                              f"new={m['new']} ({harmonic_mean(m['base'], m['new']):.2f})")
+        if not isinstance(m.get("backbone"), str) or not isinstance(m.get("shots"), int):
+            raise ConfigError(f"{where}: needs 'backbone' (text) and 'shots' (integer)")
+        src = m.get("source")
+        if not isinstance(src, dict) or not all(isinstance(src.get(k), str) and src[k] for k in ("paper", "venue", "table")):
+            raise ConfigError(f"{where}: 'source' needs 'paper', 'venue' and 'table'")
+    return data
+
+
+def _run_settings(rows: list[dict], name: str) -> str:
+    """``<shots> shots, <backbone>`` of a method's runs, as recorded in their ``results.json``."""
+    shots, backbones = set(), set()
+    for r in rows:
+        if r["name"] != name:
+            continue
+        try:
+            raw = json.loads((Path(r["run_dir"]) / RESULTS_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raw = {}
+        cfg = raw.get("config") if isinstance(raw.get("config"), dict) else {}
+        model = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
+        shots.add(str(raw.get("k_shot", "?")))
+        backbones.add(str(model.get("backbone", "?")))
+    return f"{'/'.join(sorted(shots))} shots, {'/'.join(sorted(backbones))}"
+
+
+def references_markdown(agg: dict, rows: list[dict], refs: dict) -> str:
+    """The published 11-dataset averages beside this tree's own averages over the same 11 datasets.
+
+    A method of the tree is shown ("this run") only when it has base and new results on every one of the
+    11 base-to-new datasets (:data:`BASE_TO_NEW`), averaged over exactly those; when none has, one line
+    says so and the published table stands alone, labelled as not comparable.
+    """
+    per_dataset = agg["per_dataset"]
+    names = sorted({n for _, n in per_dataset})
+    covered = {n: [d for d in BASE_TO_NEW if "hm" in per_dataset.get((d, n), {})] for n in names}
+    full = [n for n in names if len(covered[n]) == len(BASE_TO_NEW)]
+    title = f"Published {len(BASE_TO_NEW)}-dataset averages ({REFERENCE_BACKBONE}, {REFERENCE_SHOTS} shots)"
+    lines = []
+    if full:
+        lines += [f"{title}, beside this run's averages over the same {len(BASE_TO_NEW)} datasets:", ""]
+    else:
+        best = max(names, key=lambda n: len(covered[n]))
+        missing = [d for d in BASE_TO_NEW if d not in covered[best]]
+        lines += [f"This run does not cover the {len(BASE_TO_NEW)} base-to-new datasets (the most complete "
+                  f"method, {best}, has {len(covered[best])} of them; missing: {', '.join(missing)}), so its "
+                  "averages are not comparable with the published ones.", "",
+                  f"{title}, for reference only (not comparable with this run):", ""]
+    lines += ["| Method | Base | New | HM | Source |", "|---|---|---|---|---|"]
+    for n in full:
+        o = overall_average([(per_dataset[(d, n)]["base"], per_dataset[(d, n)]["new"]) for d in BASE_TO_NEW])
+        lines.append(f"| {n} (this run) | {o['base']:.2f} | {o['new']:.2f} | {o['hm']:.2f} "
+                     f"| this run: {_run_settings(rows, n)} |")
+    for n, m in refs["methods"].items():
+        src = m["source"]
+        lines.append(f"| {n} | {m['base']:.2f} | {m['new']:.2f} | {m['hm']:.2f} "
+                     f"| {src['paper']}, {src['venue']}, {src['table']}; {m['shots']} shots, {m['backbone']} |")
+    partial = [n for n in names if n not in full and covered[n]] if full else []
+    if partial:
+        lines += ["", f"Not shown (fewer than {len(BASE_TO_NEW)} base-to-new datasets): "
+                  + ", ".join(f"{n} ({len(covered[n])})" for n in partial) + "."]
+    if refs.get("note"):
+        lines += ["", refs["note"]]
+    return "\n".join(lines) + "\n"
+
+
+def report(root: str | Path, out: str | Path | None = None, references: bool = False) -> dict:
+    """Write the report files for the runs under ``root``; returns paths and the aggregate.
+
+    ``references``: add the published 11-dataset averages (:func:`references_markdown`)."""
     if not Path(root).is_dir():
         raise NoResults(f"runs_root: {root} is not a folder")
     rows, skipped = collect(root)
@@ -270,6 +307,8 @@ def report(root: str | Path, out: str | Path | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     agg = aggregate(rows)
     text = markdown(agg)
+    if references:
+        text += "\n" + references_markdown(agg, rows, load_references())
     doc = f"# Results under {root}\n\n{text}"
     if skipped:  # in the report itself, so a table that lacks runs says so
         doc += "\n" + skipped_summary(skipped)[0] + "\n\n" + "".join(f"- `{path}`: {reason}\n"
@@ -287,8 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.report", description=__doc__.splitlines()[0])
     ap.add_argument("runs_root", help="folder holding run folders with results.json")
     ap.add_argument("--out", default=None, help="where to write the report (default: runs_root)")
+    ap.add_argument("--references", action="store_true",
+                    help="add the papers' published 11-dataset averages (ViT-B/16, 16 shots) with sources")
     args = ap.parse_args(argv)
-    result = report(args.runs_root, args.out)
+    result = report(args.runs_root, args.out, references=args.references)
     print(result["markdown"])
     print(f"report: {result['runs']} runs -> {result['out']}/report.md, report.csv, report_*.png")
     for line in skipped_summary(result["skipped"]):

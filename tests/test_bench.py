@@ -78,3 +78,32 @@ def test_meta_bench_on_gpu_in_bf16():
                              "--flops"])
     _check_meta(result)
     assert all(e["peak_mib"] > 0 for e in result["variants"].values())
+
+
+def test_label_bench_extrapolation_and_table():
+    import bench_labels
+
+    assert bench_labels.extrapolate({50: 100.0}, 1000) is None  # one size says nothing about growth
+    assert bench_labels.extrapolate({10: 5.0, 50: 100.0, 200: 400.0}, 1000) == pytest.approx(2000.0)
+    row = {"time_s": 2.0, "warmup_s": 3.0, "gflop": 10.0, "peak_over_idle_mib": 50.0, "maxrss_mib": 900.0}
+    result = {"args": {"arch": "a", "device": "cpu", "autocast": "no", "batch": 4, "threads": 1, "memory_limit_gib": 20},
+              "torch": "t", "growth": {},
+              "rows": {"plain": {"50": {**row, "time_s": 1.0, "gflop": 5.0}, "1000": {"error": "exit status -9: Killed"}},
+                       "prometar": {"50": row, "1000": {"skipped": "extrapolated peak 30.0 GiB > 20 GiB limit"}}}}
+    table = bench_labels.markdown(result)
+    assert "| 50 | prometar | 2.00 | 2.00 | 10 | 2.00 | 50 | 900 | 3.00 |" in table
+    assert "| 1000 | prometar | extrapolated peak 30.0 GiB > 20 GiB limit |" in table
+    assert "| 1000 | plain | exit status -9: Killed |" in table  # a failed size is reported, not filled in
+
+
+@pytest.mark.slow
+def test_label_bench_measures_both_variants_per_size():
+    import bench_labels
+
+    result = bench_labels.run(["--arch", "tiny-vit", "--classes", "4,8", "--threads", "1", "--memory-limit-gib", "16"])
+    for variant in ("plain", "prometar"):
+        rows = result["rows"][variant]
+        assert set(rows) == {"4", "8"} and all(r["time_s"] > 0 and r["gflop"] > 0 for r in rows.values())
+        assert rows["8"]["gflop"] > rows["4"]["gflop"]  # more classes, more text-tower work
+    assert result["rows"]["prometar"]["8"]["gflop"] > result["rows"]["plain"]["8"]["gflop"]
+    assert set(result["growth"]) == {"plain", "prometar"}

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.data.config import FewShotConfig
-from pipeline.data.fewshot import build_fewshot
+from pipeline.data.fewshot import Datum, build_fewshot
 from pipeline.evaluate import evaluate, harmonic_mean
+from pipeline.evaluation import items_fingerprint
 from pipeline.finetune import EvalConfig
 
 from .helpers.fewshot_data import make_coop_dataset
@@ -96,3 +97,26 @@ def test_targets_are_other_datasets_on_all_classes(root, tmp_path):
 def test_harmonic_mean():
     assert harmonic_mean(84.39, 76.93) == pytest.approx(80.49, abs=0.005)
     assert harmonic_mean(0.0, 0.0) == 0.0 and harmonic_mean(50.0, 50.0) == 50.0
+
+
+def test_per_image_hits_follow_the_item_order_and_counts(root):
+    fs = build_fewshot(FewShotConfig(dataset="OxfordPets", root=str(root), k_shot=0, subsample="base",
+                                     shot_cache_dir=""))
+    oracle = ColourOracle({c: np.zeros(3) + 40 * i for i, c in enumerate(fs.classnames)})  # often wrong
+    out = evaluate(_cfg(root, subsets=("base",)), oracle, {}, _mean_colour)["base"]
+    assert len(out["hits"]) == out["total"] and out["hits"].count("1") == out["correct"]
+    assert 0 < out["correct"] < out["total"] and set(out["hits"]) == {"0", "1"}
+    for x, h in zip(fs.test, out["hits"]):  # one character per item, in the loader's order
+        pred = int(oracle.encode_image(_mean_colour(Image.open(x.path).convert("RGB"))[None], {}).argmax())
+        assert h == ("1" if oracle.names[pred] == fs.classnames[x.label] else "0")
+    assert out["items_sha"] == items_fingerprint(fs.test) and len(out["items_sha"]) == 16
+
+
+def test_items_fingerprint_ignores_the_data_root_but_not_order_or_labels():
+    items = [Datum(f"/data/a/pets/images/{n}.jpg", label, "x") for n, label in (("cat", 0), ("dog", 1), ("owl", 2))]
+    moved = [Datum(x.path.replace("/data/a", "/mnt/other"), x.label, x.classname) for x in items]
+    assert items_fingerprint(moved) == items_fingerprint(items)
+    assert items_fingerprint(items[::-1]) != items_fingerprint(items)
+    relabelled = [Datum(x.path, (x.label + 1) % 3, x.classname) for x in items]
+    assert items_fingerprint(relabelled) != items_fingerprint(items)
+    assert items_fingerprint(items[:2]) != items_fingerprint(items)

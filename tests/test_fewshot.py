@@ -168,7 +168,8 @@ def test_labelled_folder_split_and_roundtrip(tmp_path):
 
 
 def test_dataset_table_and_classnames():
-    assert set(BASE_TO_NEW) | set(DOMAIN_SHIFT) | {"Digits"} == set(DATASETS) and len(BASE_TO_NEW) == 11
+    suite = {"SuiteGlyphsA", "SuiteGlyphsB", "SuiteGlyphsC", "SuiteDigits", "SuiteFashion"}
+    assert set(BASE_TO_NEW) | set(DOMAIN_SHIFT) | {"Digits"} | suite == set(DATASETS) and len(BASE_TO_NEW) == 11
     assert template_for("EuroSAT") == "a centered satellite photo of {}."
     assert template_for("DescribableTextures") == "{} texture."
     assert clean_classname("SeaLake", DATASETS["EuroSAT"]) == "Sea or Lake"

@@ -20,10 +20,12 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("meta", ("pipeline.meta",)),
     ("stage library", ("pipeline.pretrain_config", "pipeline.pretrain_loop", "pipeline.finetune_config",
                        "pipeline.finetune_loop", "pipeline.evaluation", "pipeline.extract", "pipeline.cluster",
-                       "pipeline.digits_demo.data", "pipeline.digits_demo.inputs")),
+                       "pipeline.digits_demo.data", "pipeline.digits_demo.inputs", "pipeline.suite.glyphs",
+                       "pipeline.suite.styles", "pipeline.suite.data", "pipeline.suite.stats",
+                       "pipeline.suite.plots", "pipeline.suite.report")),
     ("entry points", ("pipeline.pretrain", "pipeline.finetune", "pipeline.evaluate", "pipeline.report",
                       "pipeline.cli")),
-    ("demo runner", ("pipeline.digits_demo",)),
+    ("runners", ("pipeline.digits_demo", "pipeline.suite")),
 ]
 
 

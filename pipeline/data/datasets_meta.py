@@ -84,10 +84,22 @@ DATASETS: dict[str, DatasetInfo] = {
         DatasetInfo("ImageNetSketch", "imagenet-sketch", "images", "imagenet_variant", "a photo of a {}."),
         DatasetInfo("ImageNetA", "imagenet-adversarial", "imagenet-a", "imagenet_variant", "a photo of a {}."),
         DatasetInfo("ImageNetR", "imagenet-rendition", "imagenet-r", "imagenet_variant", "a photo of a {}."),
+        # the style-shifted suite (pipeline.suite.data), built under cache/suite
+        _coop("SuiteGlyphsA", "suite_glyphs_a", "images", "split_zhou_SuiteGlyphsA.json",
+              "a picture of the {}.", augment="noflip"),
+        _coop("SuiteGlyphsB", "suite_glyphs_b", "images", "split_zhou_SuiteGlyphsB.json",
+              "a picture of the {}.", augment="noflip"),
+        _coop("SuiteGlyphsC", "suite_glyphs_c", "images", "split_zhou_SuiteGlyphsC.json",
+              "a picture of the {}.", augment="noflip"),
+        _coop("SuiteDigits", "suite_digits", "images", "split_zhou_SuiteDigits.json",
+              "a picture of the {}.", augment="noflip"),
+        _coop("SuiteFashion", "suite_fashion", "images", "split_zhou_SuiteFashion.json",
+              "a picture of a {}.", augment="noflip"),
     )
 }
 """Every dataset of the base-to-new, domain-generalization and cross-dataset protocols, plus the
-bundled ``Digits`` demo set (:mod:`pipeline.digits_demo.data`)."""
+bundled ``Digits`` demo set (:mod:`pipeline.digits_demo.data`) and the style-shifted ``Suite*`` sets
+(:mod:`pipeline.suite.data`)."""
 
 BASE_TO_NEW = ("ImageNet", "Caltech101", "OxfordPets", "StanfordCars", "OxfordFlowers", "Food101",
                "FGVCAircraft", "SUN397", "DescribableTextures", "EuroSAT", "UCF101")
