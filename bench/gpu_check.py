@@ -205,7 +205,7 @@ def plan(mode: Mode, work: Path) -> list[Step]:
     s1, s1_ds, s2 = work / "stage1", work / "stage1_deepspeed", work / "stage2"
     xml, bench_json, ds_log = work / "pytest_gpu.xml", work / "bench_meta.json", work / "stage1_deepspeed.log"
     accelerate = str(Path(py).with_name("accelerate"))
-    ds_cmd = [accelerate, "launch", "--config_file", str(ROOT / "launch/accelerate/deepspeed_zero2.yaml"),
+    ds_cmd = [accelerate, "launch", "--config_file", str(ROOT / "launch/accelerate/deepspeed.yaml"),
               "--num_processes", "1", "--mixed_precision", mode.mixed_precision, str(ROOT / "pipeline/pretrain.py"),
               *stage1_overrides(mode, data, s1_ds)]
     return [
@@ -217,7 +217,7 @@ def plan(mode: Mode, work: Path) -> list[Step]:
              _bench_figures(bench_json)),
         Step("stage1", "python -m pipeline.pretrain (short run)",
              [py, "-m", "pipeline.pretrain", *stage1_overrides(mode, data, s1)], 150, _stage1_figures(s1)),
-        Step("stage1-deepspeed", "stage 1 through launch/accelerate/deepspeed_zero2.yaml",
+        Step("stage1-deepspeed", "stage 1 through launch/accelerate/deepspeed.yaml",
              ds_cmd, 150, _deepspeed_figures(ds_log, s1_ds), log=ds_log),
         Step("stage2", "python -m pipeline.finetune from the stage-1 artifact",
              [py, "-m", "pipeline.finetune", *stage2_overrides(mode, coop, s2, s1 / "artifact.pt")], 150,

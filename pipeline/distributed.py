@@ -89,19 +89,26 @@ def launcher_rank(environ: Mapping[str, str] | None = None) -> int:
 def check_launcher(tasks_per_step: int, second_order: bool, environ: Mapping[str, str]) -> None:
     """The launcher's settings, read from the variables accelerate / torchrun / SLURM export, against
     stage 1's config, before a process group starts: ``tasks_per_step`` must split evenly over the ranks,
-    DeepSpeed ZeRO-3 is refused (accelerate would otherwise fail on an unrelated import, or, with
-    ``cpu=true``, silently drop DeepSpeed), and so are DeepSpeed settings the loop would silently ignore
-    (gradient clipping, accumulation, offloading, a JSON ``optimizer``/``scheduler``): stage 1 builds no
-    DeepSpeed engine (launch/README.md, DeepSpeed). ``Distributed.check_backend`` repeats the ZeRO check
-    once the plugin exists, for launchers that export nothing."""
+    and DeepSpeed is accepted only as the launcher and process group (``zero_stage: 0``,
+    launch/accelerate/deepspeed.yaml). Stage 1 builds no DeepSpeed engine (it all-reduces its
+    meta-gradients itself and steps its own AdamW), so everything DeepSpeed would add is refused rather
+    than accepted and ignored: ZeRO stages 1 and 2 (nothing would be partitioned; accelerate's default
+    when no stage is given is 2), ZeRO-3 (it partitions the parameters the functional inner loop reads;
+    accelerate would otherwise fail on an unrelated import, or, with ``cpu=true``, silently drop
+    DeepSpeed), gradient clipping, accumulation, offloading and a JSON ``optimizer``/``scheduler``
+    (launch/README.md, DeepSpeed). ``Distributed.check_backend`` repeats these checks once the plugin
+    exists, for launchers that export nothing."""
     world = launcher_world_size(environ)
     if world and tasks_per_step % world:
         raise ConfigError(f"tasks_per_step={tasks_per_step} is not divisible by the {world} ranks the "
                           f"launcher starts (WORLD_SIZE={world}); use a multiple of {world}")
     if environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
         return
-    stage = environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")  # accelerate's default
-    source = f"ACCELERATE_DEEPSPEED_ZERO_STAGE={stage}"
+    stage = environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    if stage is None:
+        stage, source = "2", "ACCELERATE_DEEPSPEED_ZERO_STAGE not set: accelerate's default is ZeRO-2"
+    else:
+        source = f"ACCELERATE_DEEPSPEED_ZERO_STAGE={stage}"
     # DeepSpeed settings the stage-1 loop would never apply (it builds no DeepSpeed engine), as (where, value)
     settings = {
         "gradient_clipping": ("ACCELERATE_GRADIENT_CLIPPING", environ.get("ACCELERATE_GRADIENT_CLIPPING")),
@@ -130,8 +137,8 @@ def check_launcher(tasks_per_step: int, second_order: bool, environ: Mapping[str
         for key in ("offload_optimizer", "offload_param"):
             if isinstance(zero, dict) and isinstance(zero.get(key), dict):
                 settings[f"{key}_device"] = (f"zero_optimization.{key}.device in {path}", zero[key].get("device"))
-    if str(stage).strip() == "3":
-        raise zero3_error(source, second_order)
+    if str(stage).strip() != "0":
+        raise zero_stage_error(stage, source, second_order)
     ignored = [f"{where}={value}" for name, (where, value) in settings.items()
                if not _inert_deepspeed_setting(name, value)]
     if ignored:
@@ -155,13 +162,21 @@ def _inert_deepspeed_setting(name: str, value) -> bool:
     return text in ("none", "")  # offload devices
 
 
-def zero3_error(source: str, second_order: bool) -> ConfigError:
-    """The refusal of DeepSpeed ZeRO-3 (docs/ARCHITECTURE.md section 7), before launch and at run time alike."""
+def zero_stage_error(stage: int | str, source: str, second_order: bool) -> ConfigError:
+    """The refusal of a DeepSpeed ZeRO stage other than 0 (launch/README.md, DeepSpeed), before launch
+    and at run time alike. ZeRO-3 cannot work; ZeRO-1/2 would be accepted and do nothing."""
+    stage = str(stage).strip()
+    if stage == "3":
+        why = ("partitions parameters across ranks and cannot be combined with the meta-learner's functional "
+               "inner loop" + (" (second-order meta-gradients: meta.first_order=false)" if second_order else ""))
+    else:
+        why = ("would be accepted and do nothing: stage 1 builds no DeepSpeed engine (it all-reduces its "
+               "meta-gradients itself and steps its own AdamW), and its trainable state (prompts + regulator) "
+               "is ~4 MB fp32, so partitioning it would save at most ~12 MB per GPU")
     return ConfigError(
-        f"DeepSpeed ZeRO-3 ({source}) partitions parameters across ranks and cannot be combined with the "
-        "meta-learner's functional inner loop" + (" (second-order meta-gradients: meta.first_order=false)"
-                                                  if second_order else "")
-        + "; use a ZeRO stage 0-2 launcher config (launch/accelerate/deepspeed_zero2.yaml)")
+        f"DeepSpeed ZeRO-{stage} ({source}) {why}; set zero_stage: 0 in the launcher config (DeepSpeed as "
+        "launcher and process group only: launch/accelerate/deepspeed.yaml) or use launch/accelerate/multi_gpu.yaml "
+        "(launch/README.md, DeepSpeed)")
 
 
 class CollectiveError(RuntimeError):
@@ -242,7 +257,9 @@ class Distributed:
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def check_backend(self, second_order: bool) -> None:
-        """Fail fast on combinations that cannot work (docs/ARCHITECTURE.md section 7)."""
+        """Fail fast on combinations that cannot work or would do nothing (docs/ARCHITECTURE.md section 7):
+        with accelerate's DeepSpeed plugin active, only ZeRO stage 0 without clipping, accumulation or
+        offloading is accepted, as in ``check_launcher``."""
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         if plugin is None:
             if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and self.is_main:
@@ -251,9 +268,9 @@ class Distributed:
                             "device %s); the run continues with plain all-reduced data parallelism",
                             self.distributed_type, self.device)
             return
-        stage = int(getattr(plugin, "zero_stage", 0) or 0)
-        if stage == 3:
-            raise zero3_error("accelerate's DeepSpeed plugin", second_order)
+        stage = getattr(plugin, "zero_stage", 0)
+        if str(stage if stage is not None else 0).strip() != "0":
+            raise zero_stage_error(stage, f"zero_stage={stage} in accelerate's DeepSpeed plugin", second_order)
         ignored = [f"{name}={getattr(plugin, name, None)}" for name in
                    ("gradient_clipping", "gradient_accumulation_steps", "offload_optimizer_device",
                     "offload_param_device") if not _inert_deepspeed_setting(name, getattr(plugin, name, None))]
@@ -261,10 +278,10 @@ class Distributed:
             raise ConfigError(f"DeepSpeed plugin settings {', '.join(ignored)} would have no effect: stage 1 "
                               "builds no DeepSpeed engine; use optim.grad_clip / regulator.grad_clip and "
                               "tasks_per_step instead (launch/README.md, DeepSpeed)")
-        if stage in (1, 2) and self.is_main:
-            log.warning("DeepSpeed ZeRO-%d: DeepSpeed provides the process group only; the meta-learner's state "
-                        "(prompts + regulator, replicated) is reduced by one explicit all-reduce and stepped by the "
-                        "pipeline's AdamW, so nothing is partitioned (launch/README.md, DeepSpeed)", stage)
+        if self.is_main:  # bench/gpu_check.py reads this line to tell that the plugin was active
+            log.warning("DeepSpeed ZeRO-0: DeepSpeed provides the launcher and process group only; the "
+                        "meta-learner's state (prompts + regulator) stays replicated, is reduced by one explicit "
+                        "all-reduce and stepped by the pipeline's AdamW (launch/README.md, DeepSpeed)")
 
     # ------------------------------------------------------------------ collectives
     @torch.no_grad()

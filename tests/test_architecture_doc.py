@@ -30,6 +30,7 @@ EXPECTED_HEADINGS = {
     8: "Performance",
     9: "Reliability",
     10: "Conventions",
+    11: "The suite: a benchmark where the method's effect can be seen",
 }
 
 # One number ("section N") or several ("sections N and M", "sections N, M and K"); the words may be split

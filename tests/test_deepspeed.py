@@ -187,7 +187,7 @@ def test_deepspeed_settings_the_loop_would_ignore_are_refused(tmp_path):
     from pipeline.config import ConfigError
     from pipeline.distributed import check_launcher
 
-    base = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}
+    base = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "0"}  # the stage accepted
     check_launcher(4, True, {**base, "ACCELERATE_GRADIENT_CLIPPING": "auto",
                              "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "1",
                              "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "none"})
@@ -197,7 +197,7 @@ def test_deepspeed_settings_the_loop_would_ignore_are_refused(tmp_path):
         with pytest.raises(ConfigError, match=f"{key}={value} would have no effect.*optim.grad_clip"):
             check_launcher(4, True, {**base, key: value})
     ds = tmp_path / "ds.json"
-    ds.write_text(json.dumps({"zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}},
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 0, "offload_optimizer": {"device": "cpu"}},
                               "optimizer": {"type": "AdamW"}}))
     with pytest.raises(ConfigError) as e:
         check_launcher(4, True, {**base, "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ds)})

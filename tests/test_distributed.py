@@ -31,7 +31,7 @@ def test_digest_is_bit_exact():
     assert tensor_digest(a) != tensor_digest(b)
 
 
-def test_single_process_collectives_and_zero3_refusal(monkeypatch, caplog):
+def test_single_process_collectives_and_zero_stage_refusal(monkeypatch, caplog):
     dist = Distributed(cpu=True)
     assert (dist.rank, dist.world_size, dist.is_main) == (0, 1, True)
     g = [torch.full((2, 3), 2.0), torch.ones(5, dtype=torch.float64)]
@@ -49,5 +49,12 @@ def test_single_process_collectives_and_zero3_refusal(monkeypatch, caplog):
     monkeypatch.setattr(state_cls, "deepspeed_plugin", property(lambda self: SimpleNamespace(zero_stage=3)))
     with pytest.raises(ConfigError, match="ZeRO-3"):
         dist.check_backend(second_order=True)
-    monkeypatch.setattr(state_cls, "deepspeed_plugin", property(lambda self: SimpleNamespace(zero_stage=2)))
-    dist.check_backend(second_order=True)
+    for stage in (1, 2):  # accepted but doing nothing (no DeepSpeed engine): refused too
+        monkeypatch.setattr(state_cls, "deepspeed_plugin", property(lambda self, s=stage: SimpleNamespace(zero_stage=s)))
+        with pytest.raises(ConfigError, match=rf"ZeRO-{stage} \(zero_stage={stage} in accelerate's DeepSpeed plugin\) "
+                           r"would be accepted and do nothing.*set zero_stage: 0"):
+            dist.check_backend(second_order=True)
+    monkeypatch.setattr(state_cls, "deepspeed_plugin", property(lambda self: SimpleNamespace(zero_stage=0)))
+    with caplog.at_level(logging.WARNING, logger="pipeline.distributed"):
+        dist.check_backend(second_order=True)  # DeepSpeed as launcher and process group only
+    assert "DeepSpeed ZeRO-0" in caplog.text and "stays replicated" in caplog.text

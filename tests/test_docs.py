@@ -37,7 +37,7 @@ def test_make_targets_in_readme_exist():
     assert "make test" in ci and "make test" in README
 
 
-@pytest.mark.parametrize("module", ["pipeline.data.shard_writer", "pipeline.extract", "pipeline.cluster", "pipeline.finetune", "pipeline.evaluate", "pipeline.report", "pipeline.digits_demo",
+@pytest.mark.parametrize("module", ["pipeline.data.shard_writer", "pipeline.extract", "pipeline.cluster", "pipeline.finetune", "pipeline.evaluate", "pipeline.report", "pipeline.digits_demo", "pipeline.suite",
                                    "pipeline.pretrain"])
 def test_documented_entry_points_answer_help(module):
     out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,

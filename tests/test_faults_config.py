@@ -251,15 +251,20 @@ def test_tasks_per_step_not_divisible_by_world_size(task_data, tmp_path, monkeyp
     fails_before_training(run_pretrain(task_data, run, tasks=6), r"tasks_per_step=6 is not divisible by the 4 ranks", run)
 
 
-def _launcher_env(tmp_path: Path, zero_stage: int) -> dict[str, str]:
-    """The variables ``accelerate launch --config_file <ours with zero_stage>`` exports to the script."""
+def _launcher_env(tmp_path: Path, zero_stage: int | None) -> dict[str, str]:
+    """The variables ``accelerate launch --config_file <ours with zero_stage>`` exports to the script
+    (``zero_stage=None``: the key removed from the launcher config)."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils.launch import prepare_deepspeed_cmd_env
 
-    cfg = yaml.safe_load((LAUNCHER_CONFIGS / "deepspeed_zero2.yaml").read_text())
-    cfg["deepspeed_config"]["zero_stage"] = zero_stage
+    cfg = yaml.safe_load((LAUNCHER_CONFIGS / "deepspeed.yaml").read_text())
+    assert cfg["deepspeed_config"]["zero_stage"] == 0  # the one stage accepted
+    if zero_stage is None:
+        del cfg["deepspeed_config"]["zero_stage"]
+    else:
+        cfg["deepspeed_config"]["zero_stage"] = zero_stage
     cfg["num_processes"] = 2
-    path = tmp_path / f"deepspeed_zero{zero_stage}.yaml"
+    path = tmp_path / f"deepspeed_stage{zero_stage}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     args = launch_command_parser().parse_args(["--config_file", str(path), "pipeline/pretrain.py"])
     args, defaults, _ = _validate_launch_command(args)
@@ -278,22 +283,48 @@ def test_deepspeed_zero3_launcher_config_is_refused(task_data, tmp_path, monkeyp
     # silently dropped DeepSpeed
     for cpu in ("cpu=true", "cpu=false"):
         fails_before_training(run_pretrain(task_data, run, cpu), r"DeepSpeed ZeRO-3 \(ACCELERATE_DEEPSPEED_ZERO_STAGE=3\)"
-                              r".*second-order meta-gradients.*deepspeed_zero2.yaml", run)
+                              r".*second-order meta-gradients.*set zero_stage: 0.*launch/accelerate/deepspeed.yaml", run)
     msg = fails_before_training(run_pretrain(task_data, run, "meta.first_order=true"), r"ZeRO-3", run)
     assert "second-order" not in msg
     # a DeepSpeed JSON file given by the launcher config wins over the accelerate fields
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
-    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ds))
     fails_before_training(run_pretrain(task_data, run), re.escape(f"DeepSpeed ZeRO-3 (zero_optimization.stage=3 in {ds})"), run)
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(tmp_path / "missing.json"))
     fails_before_training(run_pretrain(task_data, run), r"ACCELERATE_DEEPSPEED_CONFIG_FILE.*missing.json does not exist",
                           run)
-    # ZeRO-2 passes the launcher check (Distributed.check_backend warns once the plugin exists)
-    monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+
+
+def test_deepspeed_zero1_2_and_missing_stage_are_refused_zero0_passes(task_data, tmp_path, monkeypatch):
+    """ZeRO-1/2 would be accepted and do nothing (stage 1 builds no DeepSpeed engine); a launcher config
+    without ``zero_stage`` gets accelerate's default, ZeRO-2, and is refused the same way."""
+    run = tmp_path / "run"
+    for stage in (2, None):
+        env = _launcher_env(tmp_path, stage)
+        assert env["ACCELERATE_USE_DEEPSPEED"] == "true"
+        source = (r"ACCELERATE_DEEPSPEED_ZERO_STAGE=2" if "ACCELERATE_DEEPSPEED_ZERO_STAGE" in env
+                  else r"ACCELERATE_DEEPSPEED_ZERO_STAGE not set: accelerate's default is ZeRO-2")
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.setenv(k, v)
+            fails_before_training(run_pretrain(task_data, run), rf"DeepSpeed ZeRO-2 \({source}\) would be accepted and "
+                                  r"do nothing: stage 1 builds no DeepSpeed engine.*at most ~12 MB per GPU; "
+                                  r"set zero_stage: 0.*launch/accelerate/deepspeed.yaml.*multi_gpu.yaml", run)
     cfg = pretrain.parse(pretrain_overrides(task_data, run))
-    check_launcher(cfg.tasks_per_step, True, _launcher_env(tmp_path, 2))
+    ds = tmp_path / "ds.json"  # a DeepSpeed JSON stage wins over the launcher's, both ways
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    with pytest.raises(ConfigError, match=re.escape(f"DeepSpeed ZeRO-1 (zero_optimization.stage=1 in {ds})")):
+        check_launcher(cfg.tasks_per_step, True, {**_launcher_env(tmp_path, 0), "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ds)})
+    # ZeRO-0 (launch/accelerate/deepspeed.yaml as shipped: DeepSpeed as launcher and process group) passes
+    env = _launcher_env(tmp_path, 0)
+    assert env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == "0"
+    check_launcher(cfg.tasks_per_step, True, env)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(TrainingStarted):
+        run_pretrain(task_data, run)()
 
 
 # ----------------------------------------------------------------------------- stage 1 missing files

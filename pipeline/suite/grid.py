@@ -128,18 +128,23 @@ class Preset:
 
 
 PRESETS = {
-    "full": Preset(rows=tuple(ROWS), shots=(4, 16), seeds=(1, 2, 3, 4, 5)),
+    # the full grid (about 40 minutes on 2 cores with the data cached): 16 shots would double it
+    "full": Preset(rows=tuple(ROWS), shots=(4, 8), seeds=(1, 2, 3, 4, 5)),
     # make demo: a reduced grid on the same data and backbone (<= 10 minutes on 2 cores from a fresh clone)
     "demo": Preset(rows=("zeroshot", "ivlp", "promptsrc_lite", "prometar", "prometar_s1_matched",
                          "prometar_s1_clean"),
-                   shots=(8,), seeds=(1, 2), stage1_steps=100, bootstrap=1000),
+                   shots=(8,), seeds=(1, 2), datasets=("SuiteGlyphsA", "SuiteDigits", "SuiteFashion"),
+                   stage1_steps=60, bootstrap=1000),
     # choosing settings: the learned-prompt methods on the validation split (run with --split val)
     "pilot": Preset(rows=("zeroshot", "ivlp", "promptsrc_lite", "prometar"), shots=(8,), seeds=(1, 2),
                     bootstrap=1000),
     # CI: checks the machinery on tiny data, not the conclusion
     "ci": Preset(rows=("zeroshot", "ivlp", "prometar", "prometar_s1_matched", "prometar_s1_clean"),
-                 shots=(2,), seeds=(1, 2), stage1_steps=4, stage2=("optim.epochs=1",), bootstrap=200,
-                 ),
+                 shots=(2,), seeds=(1, 2), datasets=("SuiteGlyphsA", "SuiteDigits"), stage1_steps=4,
+                 stage2=("optim.epochs=1",), bootstrap=200,
+                 data={"cache_dir": "cache/suite-ci", "corpus_renders_per_font": 1, "corpus_digits_per_class": 8,
+                       "corpus_fashion_per_class": 0, "epochs": 1, "stage1_samples": 600, "train_per_class": 4,
+                       "val_per_class": 3, "test_per_class": 5, "samples_per_shard": 300, "fashion_dir": ""}),
 }
 
 
@@ -260,13 +265,14 @@ def stage2_jobs(root: Path, info: dict, preset: Preset, split: str, datasets: li
     return jobs
 
 
-def execute(jobs: list[Job], n_jobs: int, what: str) -> list[str]:
+def execute(jobs: list[Job], n_jobs: int, what: str) -> tuple[list[str], int]:
     """Run ``jobs`` in a pool of ``n_jobs`` processes with a progress line per finished job; returns the
-    labels of failed jobs (each failure is printed with its error; the others still run)."""
+    labels of failed jobs (each failure is printed with its error; the others still run) and how many jobs
+    found their results from an earlier call (not re-run, so not in this call's timings)."""
     if not jobs:
-        return []
+        return [], 0
     fns = {"run_pretrain": run_pretrain, "run_finetune": run_finetune}
-    failed, done, t0 = [], 0, time.time()
+    failed, done, reused, t0 = [], 0, 0, time.time()
     ctx = mp.get_context("spawn")  # fresh interpreters: no forked torch thread pools or locks
     with cf.ProcessPoolExecutor(max_workers=n_jobs, mp_context=ctx, initializer=_worker_init) as pool:
         futures = {pool.submit(fns[j.fn], j.overrides): j for j in jobs}
@@ -281,6 +287,7 @@ def execute(jobs: list[Job], n_jobs: int, what: str) -> list[str]:
                     failed.append(job.label)
                     print(f"{what} [{done}/{len(jobs)}] FAILED {job.label}: {type(e).__name__}: {e}", flush=True)
                     continue
+                reused += bool(r.get("skipped"))
                 hm = f" HM {r['hm']:.1f}" if r.get("hm") is not None else ""
                 tag = " (done before)" if r.get("skipped") else f" ({r['seconds']:.0f} s)"
                 print(f"{what} [{done}/{len(jobs)}] {job.label}{hm}{tag}; elapsed {elapsed:.0f} s, "
@@ -289,7 +296,7 @@ def execute(jobs: list[Job], n_jobs: int, what: str) -> list[str]:
             pool.shutdown(wait=False, cancel_futures=True)
             print(f"{what}: interrupted; finished runs are kept, rerun the same command to continue", flush=True)
             raise
-    return failed
+    return failed, reused
 
 
 def run_grid(preset_name: str, split: str = "test", n_jobs: int = 2, out: Path | None = None,
@@ -314,16 +321,16 @@ def run_grid(preset_name: str, split: str = "test", n_jobs: int = 2, out: Path |
     variants = stage1_needed(preset.rows)
     for corpus in dict.fromkeys(STAGE1[v].corpus for v in variants):
         prepare_corpus(root, info, corpus)
-    failed = execute(stage1_jobs(root, info, preset, variants), n_jobs, "stage 1")
+    failed, _ = execute(stage1_jobs(root, info, preset, variants), n_jobs, "stage 1")
     if failed:
         raise RuntimeError(f"stage-1 runs failed: {failed}; fix and rerun (finished runs are kept)")
     timings["stage1_s"] = time.time() - t1
 
     t2 = time.time()
     jobs = stage2_jobs(root, info, preset, split, datasets)
-    failed = execute(jobs, n_jobs, "stage 2")
+    failed, reused = execute(jobs, n_jobs, "stage 2")
     timings["stage2_s"] = time.time() - t2
-    timings["stage2_runs"] = len(jobs)
+    timings["stage2_runs"], timings["stage2_reused"] = len(jobs), reused
     if failed:
         raise RuntimeError(f"{len(failed)} stage-2 runs failed (first: {failed[0]}); rerun to retry them")
 
@@ -360,7 +367,9 @@ def doc_block(res: dict, command: str, figures_dir: Path | None = None, doc_dir:
              f"({platform.processor() or 'unknown CPU'}), {platform.system()}; date {dt.date.today()}  ",
              f"Wall time: {t['total_s'] / 60:.1f} min (data and backbone {t['data_s']:.0f} s, stage 1 "
              f"{t['stage1_s']:.0f} s, stage 2 {t['stage2_runs']} runs {t['stage2_s']:.0f} s, report "
-             f"{t['report_s']:.0f} s)  ",
+             f"{t['report_s']:.0f} s)" + (f"; {t['stage2_reused']} stage-2 runs were already done by an earlier "
+                                          "call and are not in these times" if t.get("stage2_reused") else "")
+             + "  ",
              f"Grid: {len(res['datasets'])} datasets ({', '.join(res['datasets'])}), {len(res['rows'])} rows, "
              f"shots {res['shots']}, seeds {res['seeds']}, evaluated on the {res['split']} split", ""]
     zs = res.get("zero_shot_pilot") or {}
@@ -423,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
         command = "python -m pipeline.suite " + " ".join(argv)
         # figures live under docs/figures whichever document shows them (README.md or docs/RESULTS.md)
         body = doc_block(res, command, CONFIGS.parent / "docs" / "figures", doc.resolve().parent)
-        write_doc_block(doc, f"{args.preset}-{args.split}", body)
+        block = f"{args.preset}-{args.split}" + (f"-{Path(args.root).name}" if args.root else "")
+        write_doc_block(doc, block, body)
         print(f"suite: wrote the results into {doc}")
     t = res["timings"]
     print(f"suite: data {t['data_s']:.0f} s, stage 1 {t['stage1_s']:.0f} s, stage 2 ({t['stage2_runs']} runs) "

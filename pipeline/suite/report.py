@@ -87,7 +87,7 @@ def table_markdown(label: str, summaries: Mapping[str, dict], datasets: Sequence
         rows = [(m, s["per_dataset"][d], str(len(s["per_dataset"][d]["seeds"])))
                 for m, s in summaries.items() if d in s["per_dataset"]]
         images = next(iter(s["per_dataset"][d]["images"] for s in summaries.values() if d in s["per_dataset"]))
-        lines += [f"### {d} (test images: base {images['base']}, new {images['new']})", "",
+        lines += [f"### {d} (held-out images: base {images['base']}, new {images['new']})", "",
                   *_method_table(rows), ""]
     return lines
 
@@ -156,13 +156,14 @@ def suite_report(run_roots: Mapping[str, str | Path], out_dir: str | Path, pairs
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shots = {label: _shot_report(label, Path(root), pairs, method_order, B, seed) for label, root in run_roots.items()}
-    intro = (f"Mean over seeds with a 95% bootstrap interval [low, high] over seeds and test images "
+    intro = (f"Mean over seeds with a 95% bootstrap interval [low, high] over seeds and held-out images "
              f"(B={B} replicates, seed={seed}); HM is the harmonic mean of the mean base and mean new, the "
              "average over datasets the HM of the mean base and mean new over datasets.")
     table_md, paired_md, sentences = ["# Base-to-new accuracy", "", intro, ""], ["# Paired comparisons", "",
         "Δ = first − second method in percentage points, with a paired 95% bootstrap interval (the same "
         "seed and test-image resamples for both); a difference is distinguishable from zero when the "
-        "interval excludes 0.", ""], []
+        "interval excludes 0. Each interval covers one comparison on its own (no correction for making many): "
+        "among 20 comparisons with no true difference, about one is expected to exclude 0 by chance.", ""], []
     for label, r in shots.items():
         table_md += table_markdown(label, r["summaries"], r["datasets"])
         for what, names in (("not run", r["not_run"]), ("not in method_order", r["not_in_order"])):
