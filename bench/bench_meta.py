@@ -10,8 +10,16 @@ mmap threshold is lowered in that subprocess so freed tensors are returned and R
 ``--flops`` also counts the floating-point operations of one iteration of each variant
 (``torch.utils.flop_counter``): the ratio a compute-bound device would see, independent of load.
 
+``--attention`` picks the SDPA backend: ``auto`` (default) runs the iterations as the pipeline does
+(fused kernels in passes with a single backward, math in second-order ones; see
+:func:`pipeline.prompts.first_order_attention`), ``math`` forces the math backend everywhere (the
+behaviour before fused kernels were allowed), ``both`` runs every variant under both, alternating within
+each round, and adds the per-round ratio ``auto / math`` (rows ``NAME@math`` and ``NAME@auto``).
+``--variants`` restricts the variants (comma-separated).
+
     python bench/bench_meta.py                      # CPU, tiny-vit, markdown table on stdout
     python bench/bench_meta.py --device cuda --arch ViT-B-16 --autocast bf16 --batch 4 --classes 50
+    python bench/bench_meta.py --attention both --variants plain,regularized_only --no-memory
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -41,7 +50,7 @@ from pipeline.meta.config import LossConfig, MetaConfig, RegulatorConfig  # noqa
 from pipeline.meta.objective import Batch, Objective  # noqa: E402
 from pipeline.meta.prometar import prometar_iteration  # noqa: E402
 from pipeline.meta.regulator import Regulator  # noqa: E402
-from pipeline.prompts import PromptedCLIP  # noqa: E402
+from pipeline.prompts import PromptedCLIP, first_order_attention  # noqa: E402
 
 VARIANTS = {
     "plain": None,
@@ -71,7 +80,8 @@ def make_iteration(name, model, batch, args):
     sgd = torch.optim.SGD(list(prompts.values()), lr=0.0025)
     if name == "plain":
         def plain():
-            logits = model.logits(batch.images, batch.classnames, prompts)
+            with first_order_attention():  # one backward: fused attention allowed, as the pipeline runs it
+                logits = model.logits(batch.images, batch.classnames, prompts)
             loss = F.cross_entropy(logits, batch.labels)
             sgd.zero_grad(set_to_none=True)
             loss.backward()
@@ -84,6 +94,39 @@ def make_iteration(name, model, batch, args):
     cfg = VARIANTS[name]
     frozen = objective.with_frozen(batch)  # frozen features once per batch, as a data pipeline would
     return lambda: prometar_iteration(objective, prompts, regulator, frozen, cfg, sgd, adamw, gen)
+
+
+ATTENTION_MODES = ("auto", "math")
+
+
+def labels(args) -> list[str]:
+    """Row labels: the variants, as ``NAME@MODE`` under ``--attention both``."""
+    if args.attention == "both":
+        return [f"{v}@{m}" for v in args.variants for m in ATTENTION_MODES]
+    return list(args.variants)
+
+
+def split_label(label: str, args) -> tuple[str, str]:
+    """``(variant, attention mode)`` of a row label."""
+    name, _, mode = label.partition("@")
+    return name, mode or args.attention
+
+
+def with_attention(fn, mode: str):
+    """``fn`` under the attention mode: ``math`` forces the math backend around the whole iteration (an
+    outer ``sdpa_kernel`` holds where the pipeline's own context enters none); ``auto`` leaves it as is."""
+    if mode == "auto":
+        return fn
+
+    def run_math():
+        with sdpa_kernel(SDPBackend.MATH):
+            return fn()
+    return run_math
+
+
+def make_labelled(label: str, model, batch, args):
+    name, mode = split_label(label, args)
+    return with_attention(make_iteration(name, model, batch, args), mode)
 
 
 def sync(device):
@@ -100,14 +143,17 @@ def autocast(args):
 
 def time_all(args) -> dict[str, list[float]]:
     model, batch = build(args)
-    iterations = {name: make_iteration(name, model, batch, args) for name in VARIANTS}
+    iterations = {label: make_labelled(label, model, batch, args) for label in labels(args)}
     with autocast(args):
         for _ in range(args.warmup):
             for fn in iterations.values():
                 fn()
-        times: dict[str, list[float]] = {name: [] for name in VARIANTS}
-        for _ in range(args.iters):
-            for name, fn in iterations.items():  # interleaved: the same load for every variant
+        times: dict[str, list[float]] = {label: [] for label in iterations}
+        for i in range(args.iters):
+            # interleaved: the same load for every variant; the order flips every round, so under
+            # --attention both neither backend always runs first
+            order = list(iterations.items()) if i % 2 == 0 else list(iterations.items())[::-1]
+            for name, fn in order:
                 sync(args.device)
                 t = time.perf_counter()
                 fn()
@@ -124,8 +170,8 @@ def count_flops(args) -> dict[str, float]:
     model, batch = build(args)
     out = {}
     with autocast(args):
-        for name in VARIANTS:
-            fn = make_iteration(name, model, batch, args)
+        for name in labels(args):
+            fn = make_labelled(name, model, batch, args)
             fn()
             with FlopCounterMode(display=False) as counter:
                 fn()
@@ -135,7 +181,7 @@ def count_flops(args) -> dict[str, float]:
 
 def memory_one(args, name):
     model, batch = build(args)
-    fn = make_iteration(name, model, batch, args)
+    fn = make_labelled(name, model, batch, args)
     cuda = str(args.device).startswith("cuda")
     with autocast(args):
         return _memory(fn, cuda)
@@ -192,9 +238,16 @@ def run(argv: list[str]) -> dict:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
     p.add_argument("--flops", action="store_true", help="also count FLOPs per variant")
+    p.add_argument("--attention", default="auto", choices=("auto", "math", "both"),
+                   help="SDPA backend: as the pipeline picks it, math everywhere, or both side by side")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses")
     p.add_argument("--memory-of", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown or not args.variants:
+        p.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
     torch.set_num_threads(args.threads)
     if args.memory_of:
         return {"peak_mib": memory_one(args, args.memory_of)}
@@ -203,13 +256,18 @@ def run(argv: list[str]) -> dict:
     device_name = torch.cuda.get_device_name() if str(args.device).startswith("cuda") else "cpu"
     result["device_name"] = device_name
     flops = count_flops(args) if args.flops else {}
-    for name in VARIANTS:
-        ratios = [t / p0 for t, p0 in zip(times[name], times["plain"])]  # per interleaved round
+    for name in times:
+        variant, mode = split_label(name, args)
+        # the reference row: the first variant (plain by default) under the same attention mode
+        ref = args.variants[0] + (f"@{mode}" if args.attention == "both" else "")
+        ratios = [t / p0 for t, p0 in zip(times[name], times[ref])]  # per interleaved round
         entry = {"time_s": spread(times[name]), "ratio": spread(ratios),
                  "samples_per_s": args.batch / statistics.median(times[name])}
+        if args.attention == "both" and mode == "auto":
+            entry["vs_math"] = spread([t / m for t, m in zip(times[name], times[f"{variant}@math"])])
         if flops:
             entry["gflop"] = flops[name] / 1e9
-            entry["flop_ratio"] = flops[name] / flops["plain"]
+            entry["flop_ratio"] = flops[name] / flops[ref]
         if not args.no_memory:
             cmd = [sys.executable, __file__, *argv, "--memory-of", name]
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
@@ -217,9 +275,10 @@ def run(argv: list[str]) -> dict:
             entry["peak_mib"] = json.loads(out.strip().splitlines()[-1])["peak_mib"]
         result["variants"][name] = entry
     if not args.no_memory:
-        base = max(result["variants"]["plain"]["peak_mib"], 1e-9)
-        for entry in result["variants"].values():
-            entry["memory_ratio"] = entry["peak_mib"] / base
+        for name, entry in result["variants"].items():
+            mode = split_label(name, args)[1]
+            ref = args.variants[0] + (f"@{mode}" if args.attention == "both" else "")
+            entry["memory_ratio"] = entry["peak_mib"] / max(result["variants"][ref]["peak_mib"], 1e-9)
     return result
 
 
@@ -230,10 +289,14 @@ def markdown(result: dict) -> str:
     what = "CUDA peak allocated" if cuda else "peak RSS over idle"
     lines = [f"arch={a['arch']} device={a['device']} ({result['device_name']}) precision={a['precision']} "
              f"autocast={a['autocast']} batch={a['batch']} classes={a['classes']} iters={a['iters']} "
-             f"threads={a['threads']} torch={result['torch']}", ""]
-    head = "| iteration | time min / median / max (ms) | x plain min / median / max | samples/s |"
+             f"threads={a['threads']} attention={a.get('attention', 'math')} torch={result['torch']}", ""]
+    ref = a.get("variants", ["plain"])[0]
+    head = f"| iteration | time min / median / max (ms) | x {ref} min / median / max | samples/s |"
     rule = "|---|---:|---:|---:|"
     some = next(iter(result["variants"].values()))
+    both = a.get("attention") == "both"
+    if both:
+        head, rule = head + " auto / math min / median / max |", rule + "---:|"
     if "gflop" in some:
         head, rule = head + " GFLOP | FLOP x plain |", rule + "---:|---:|"
     if "peak_mib" in some:
@@ -243,6 +306,9 @@ def markdown(result: dict) -> str:
         t, r = e["time_s"], e["ratio"]
         row = (f"| {name} | {1000 * t['min']:.1f} / {1000 * t['median']:.1f} / {1000 * t['max']:.1f} | "
                f"{r['min']:.2f} / **{r['median']:.2f}** / {r['max']:.2f} | {e['samples_per_s']:.1f} |")
+        if both:
+            v = e.get("vs_math")
+            row += f" {v['min']:.2f} / **{v['median']:.2f}** / {v['max']:.2f} |" if v else " |"
         if "gflop" in e:
             row += f" {e['gflop']:.2f} | {e['flop_ratio']:.2f} |"
         if "peak_mib" in e:

@@ -12,15 +12,19 @@ Prompt types: ``none`` (plain CLIP), ``coop`` (text row 0 only), ``vpt`` (vision
 (deep text and deep vision, independent). With ``none`` the encoders run exactly open_clip's
 ``encode_image`` / ``encode_text`` computation; a test checks equality.
 
-Every forward runs under the math SDPA backend when gradients are on: the fused attention kernels
-have no double backward, so a second-order meta-gradient through them would fail.
+Attention backend. With gradients on, every forward runs under the math SDPA backend unless the caller
+has declared, with :func:`first_order_attention`, that the graph it builds is differentiated only once:
+the fused kernels (flash / memory-efficient on CUDA, flash on CPU) have a first backward but no double
+backward, so a second-order meta-gradient through them would fail. Without gradients (frozen forwards,
+evaluation) SDPA always picks its fused kernels.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -37,9 +41,40 @@ Prompts = dict[str, Tensor]
 _PLACEHOLDER = "X"
 
 
+# Whether a graph built now may be differentiated twice (a second-order meta-gradient). True by default,
+# so code that does not say otherwise gets the math backend, which every order of backward goes through;
+# only a caller that knows its graph sees a single backward lifts it (first_order_attention).
+_DOUBLE_BACKWARD: ContextVar[bool] = ContextVar("double_backward_needed", default=True)
+
+
+def double_backward_needed() -> bool:
+    """Whether forwards run now must stay double-backward safe (see :func:`first_order_attention`)."""
+    return _DOUBLE_BACKWARD.get()
+
+
+@contextlib.contextmanager
+def first_order_attention(first_order: bool = True) -> Iterator[None]:
+    """Declare how often the graphs built inside are differentiated: once (``first_order=True``) lets SDPA
+    pick its fused kernels with gradients on; ``False`` forces the math backend again, also inside an
+    enclosing first-order region (a second-order pass nested in a first-order one stays safe).
+
+    The backend is fixed when the forward runs (the backward replays the forward's kernel), so the context
+    has to cover the forward, not the ``backward`` / ``autograd.grad`` call. Enter it only around passes
+    whose graph no ``create_graph=True`` gradient is taken through: under it, differentiating a gradient
+    raises (``derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
+    implemented``, or the CUDA kernels' equivalent).
+    """
+    token = _DOUBLE_BACKWARD.set(not first_order)
+    try:
+        yield
+    finally:
+        _DOUBLE_BACKWARD.reset(token)
+
+
 def attention_context():
-    """Math SDPA when gradients may be taken (double-backward safe); fused kernels otherwise."""
-    if torch.is_grad_enabled():
+    """Math SDPA when gradients are on and a double backward may follow (the default); SDPA's own choice,
+    the fused kernels where the shapes allow, without gradients or inside :func:`first_order_attention`."""
+    if torch.is_grad_enabled() and _DOUBLE_BACKWARD.get():
         return sdpa_kernel(SDPBackend.MATH)
     return contextlib.nullcontext()
 

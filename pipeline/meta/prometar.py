@@ -36,7 +36,7 @@ from pipeline.meta.inner import regulated_gradient
 from pipeline.meta.objective import Batch, LossTerms, Objective
 from pipeline.meta.regulator import Regulator
 from pipeline.meta.step import MetaMetrics, bilevel_loss, fill_metrics, grad_norm, outer_gradients
-from pipeline.prompts import Prompts
+from pipeline.prompts import Prompts, first_order_attention
 
 
 @dataclass
@@ -158,8 +158,13 @@ def _regularized_step(objective: Objective, prompts: Prompts, regulator: Regulat
     metrics before the step and whether the step was applied (not when a gradient is non-finite)."""
     keys = list(prompts)
     params = [prompts[k] for k in keys]
-    terms = objective.terms(prompts, batch)
-    step = regulated_gradient(terms, prompts, regulator, create_graph=False)
+    # G is taken once (create_graph=False) and applied detached: no gradient of it is ever taken, so this
+    # forward may use the fused attention kernels (they lack only the double backward). This is the whole
+    # iteration of the plain methods (ivlp, coop, vpt_deep) and of the no-meta ones (promptsrc_lite,
+    # prometar_no_meta), and the second step of the step-matched control.
+    with first_order_attention():
+        terms = objective.terms(prompts, batch)
+        step = regulated_gradient(terms, prompts, regulator, create_graph=False)
     grads = [scale * step.G[k].detach().to(prompts[k].dtype) for k in keys]
     if reduce_grads is not None:
         reduce_grads(grads)

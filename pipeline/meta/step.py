@@ -32,7 +32,7 @@ from pipeline.meta.losses import (
 )
 from pipeline.meta.objective import Batch, Objective
 from pipeline.meta.regulator import Regulator
-from pipeline.prompts import Prompts
+from pipeline.prompts import Prompts, first_order_attention
 
 
 @dataclass
@@ -131,7 +131,20 @@ def bilevel_loss(
     with ``objective.cfg.outer_preservation_weight`` ``w > 0`` it adds ``w * R``, the knowledge-preservation
     regularizer of the adapted prompts on the query (its images against their frozen features, its own
     class texts against theirs), which is what :meth:`Objective.terms` gives for ``query``.
+
+    Attention backend: the loss's graph is differentiated twice only through second-order inner steps
+    (inner gradients built with ``create_graph=True``); those forwards run on the math SDPA backend, also
+    inside an enclosing :func:`~pipeline.prompts.first_order_attention`. First-order meta-gradients
+    (``first_order``) and the outer loss at unadapted prompts (``meta_step=false``) are a single backward
+    and let SDPA use its fused kernels.
     """
+    second_order = cfg.meta_step and not cfg.first_order  # validate_meta: meta_step implies inner_steps >= 1
+    with first_order_attention(not second_order):
+        return _bilevel_loss(objective, prompts, regulator, support, query, cfg, generator)
+
+
+def _bilevel_loss(objective: Objective, prompts: Prompts, regulator: Regulator, support: Batch, query: Batch,
+                  cfg: MetaConfig, generator: torch.Generator | None) -> BilevelOutput:
     support = objective.with_frozen(support)
     steps = cfg.inner_steps if cfg.meta_step else 0
     inner = inner_loop(

@@ -354,7 +354,8 @@ def run_grid(preset_name: str, split: str = "test", n_jobs: int = 2, out: Path |
     return {**summary, "markdown": markdown}
 
 
-def doc_block(res: dict, command: str, figures_dir: Path | None = None, doc_dir: Path | None = None) -> str:
+def doc_block(res: dict, command: str, figures_dir: Path | None = None, doc_dir: Path | None = None,
+              tag: str = "") -> str:
     """The generated markdown of one grid: command, machine, date, wall times, the pilot's zero-shot
     accuracies, the table with CIs, the paired differences in words and the figures."""
     import datetime as dt
@@ -372,11 +373,12 @@ def doc_block(res: dict, command: str, figures_dir: Path | None = None, doc_dir:
              + "  ",
              f"Grid: {len(res['datasets'])} datasets ({', '.join(res['datasets'])}), {len(res['rows'])} rows, "
              f"shots {res['shots']}, seeds {res['seeds']}, evaluated on the {res['split']} split", ""]
-    zs = res.get("zero_shot_pilot") or {}
+    zs = (res.get("zero_shot_pilot") or {}).get("val", {})  # fractions, measured by pipeline.suite.data
     if zs:
-        lines += ["Zero-shot accuracy of the backbone on the validation split (the pilot's check that there is "
-                  "headroom; target 40-75%):", "", "| dataset | base | new |", "|---|---|---|"]
-        lines += [f"| {d} | {v['base']:.1f} | {v['new']:.1f} |" for d, v in zs.items()]
+        lines += ["Zero-shot top-1 (%) of the backbone on the validation split, with the dataset's template (the "
+                  "check that there is headroom; target 40-75% on base and on new):", "",
+                  "| dataset | base | new |", "|---|---|---|"]
+        lines += [f"| {d} | {100 * v['base']:.1f} | {100 * v['new']:.1f} |" for d, v in zs.items()]
         lines.append("")
     for name in ("table.md", "paired.md"):
         if (out / name).is_file():
@@ -384,7 +386,7 @@ def doc_block(res: dict, command: str, figures_dir: Path | None = None, doc_dir:
     if figures_dir is not None:
         figures_dir.mkdir(parents=True, exist_ok=True)
         for png in sorted(out.glob("*.png")):
-            dest = figures_dir / f"{res['preset']}_{png.name}"
+            dest = figures_dir / f"{tag or res['preset']}_{png.name}"
             shutil.copyfile(png, dest)
             rel = os.path.relpath(dest, doc_dir or figures_dir.parent)
             lines.append(f"![{png.stem}]({rel})")
@@ -431,8 +433,8 @@ def main(argv: list[str] | None = None) -> int:
         doc = Path(args.doc)
         command = "python -m pipeline.suite " + " ".join(argv)
         # figures live under docs/figures whichever document shows them (README.md or docs/RESULTS.md)
-        body = doc_block(res, command, CONFIGS.parent / "docs" / "figures", doc.resolve().parent)
         block = f"{args.preset}-{args.split}" + (f"-{Path(args.root).name}" if args.root else "")
+        body = doc_block(res, command, CONFIGS.parent / "docs" / "figures", doc.resolve().parent, tag=block)
         write_doc_block(doc, block, body)
         print(f"suite: wrote the results into {doc}")
     t = res["timings"]
