@@ -8,7 +8,8 @@ fresh subprocess: on CUDA ``torch.cuda.max_memory_allocated`` during the iterati
 of the resident set size, polled while three iterations run, over its value just before them (glibc's
 mmap threshold is lowered in that subprocess so freed tensors are returned and RSS tracks live memory).
 ``--flops`` also counts the floating-point operations of one iteration of each variant
-(``torch.utils.flop_counter``): the ratio a compute-bound device would see, independent of load.
+(``torch.utils.flop_counter``, on the math backend, whose attention it can count): the ratio a
+compute-bound device would see, independent of load.
 
 ``--attention`` picks the SDPA backend: ``auto`` (default) runs the iterations as the pipeline does
 (fused kernels in passes with a single backward, math in second-order ones; see
@@ -171,7 +172,9 @@ def count_flops(args) -> dict[str, float]:
     out = {}
     with autocast(args):
         for name in labels(args):
-            fn = make_labelled(name, model, batch, args)
+            # counted on the math backend whatever the timed mode: the same arithmetic, but the counter
+            # has no formula for the CPU flash kernel (it would count its attention as 0 FLOP)
+            fn = with_attention(make_iteration(split_label(name, args)[0], model, batch, args), "math")
             fn()
             with FlopCounterMode(display=False) as counter:
                 fn()

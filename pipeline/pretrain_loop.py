@@ -307,6 +307,7 @@ def _train(cfg: PretrainConfig, cfg_dict: dict, dist: Distributed) -> dict:
     ckpt = state.resume(run_dir, cfg_dict, RESUME_APPLIED) if cfg.checkpoint.resume else None
     streams.restore(state.data, dist.is_main)
     step, nonfinite_total, consecutive = state.step, state.counters["nonfinite_steps"], 0
+    resumed_at = step
     tracker = Tracker(run_dir, cfg.tracking, cfg_dict, is_main=dist.is_main, resume=ckpt is not None,
                       resume_step=step if ckpt is not None else None)
 
@@ -399,8 +400,13 @@ def _train(cfg: PretrainConfig, cfg_dict: dict, dist: Distributed) -> dict:
                 status = "preempted"
                 break
         bar.close()
-        if status == "done" and dist.is_main:
-            out = Path(cfg.artifact or run_dir / "artifact.pt")
+        out = Path(cfg.artifact or run_dir / "artifact.pt")
+        if status == "done" and dist.is_main and resumed_at == step == cfg.optim.steps and out.is_file():
+            # a rerun of a finished run trains nothing: keep the artifact the finishing call wrote. Rewriting it
+            # would change its bytes (new git revision in the metadata), and stage-2 runs that recorded its
+            # sha256 would no longer count as made from it
+            print(f"pretrain: the run had finished ({step} steps); kept its artifact {out}", flush=True)
+        elif status == "done" and dist.is_main:
             meta = artifact_metadata(cfg_dict, {k: v.detach() for k, v in prompts.items()},
                                      {"stage": "pretrain", "steps": step, "regulator.kind": cfg.regulator.kind})
             save_artifact(out, prompts, regulator.state_dict(), meta)

@@ -34,6 +34,13 @@ def test_pretrain_runs_and_writes_artifact(task_data, tmp_path):
         assert key in lines[-1], key
     assert all(x["regulator_update"] > 0 for x in lines)  # the regulator learns from step 1
     assert [s for s, _ in list_checkpoints(run)] == [2, 4]
+    # a rerun of the finished run trains nothing and leaves the artifact's bytes alone (stage-2 runs record
+    # its sha256, so a rewritten file would orphan their results)
+    before = (run / "artifact.pt").stat()
+    assert pretrain.main(pretrain_overrides(task_data, run, steps=4)) == 0
+    after = (run / "artifact.pt").stat()  # untouched: the same file (an atomic rewrite makes a new inode)
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert [s for s, _ in list_checkpoints(run)] == [2, 4]
     with pytest.raises(ConfigError, match="already holds checkpoints"):  # never overwrite another run
         pretrain.main(pretrain_overrides(task_data, run, steps=4, extra=("checkpoint.resume=false",)))
 

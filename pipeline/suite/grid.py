@@ -27,6 +27,7 @@ from pathlib import Path
 
 from pipeline import cluster, extract
 from pipeline.config import ConfigError, load_config
+from pipeline.fileio import atomic_write_text
 from pipeline.suite.data import SuiteDataConfig, build_suite_data
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -300,8 +301,10 @@ def execute(jobs: list[Job], n_jobs: int, what: str) -> tuple[list[str], int]:
 
 
 def run_grid(preset_name: str, split: str = "test", n_jobs: int = 2, out: Path | None = None,
-             root: Path | None = None, preset: Preset | None = None) -> dict:
-    """Build the data, run stage 1 and the stage-2 grid, and write the report; returns timings and paths."""
+             root: Path | None = None, preset: Preset | None = None, report_only: bool = False) -> dict:
+    """Build the data, run stage 1 and the stage-2 grid, and write the report; returns timings and paths.
+
+    ``report_only`` runs nothing: the report is rebuilt from the ``results.json`` files already there."""
     preset = preset or PRESETS[preset_name]
     if split not in ("test", "val"):
         raise ConfigError(f"--split {split!r}: expected test or val")
@@ -319,16 +322,18 @@ def run_grid(preset_name: str, split: str = "test", n_jobs: int = 2, out: Path |
 
     t1 = time.time()
     variants = stage1_needed(preset.rows)
-    for corpus in dict.fromkeys(STAGE1[v].corpus for v in variants):
-        prepare_corpus(root, info, corpus)
-    failed, _ = execute(stage1_jobs(root, info, preset, variants), n_jobs, "stage 1")
-    if failed:
-        raise RuntimeError(f"stage-1 runs failed: {failed}; fix and rerun (finished runs are kept)")
+    if not report_only:
+        for corpus in dict.fromkeys(STAGE1[v].corpus for v in variants):
+            prepare_corpus(root, info, corpus)
+        failed, _ = execute(stage1_jobs(root, info, preset, variants), n_jobs, "stage 1")
+        if failed:
+            raise RuntimeError(f"stage-1 runs failed: {failed}; fix and rerun (finished runs are kept)")
     timings["stage1_s"] = time.time() - t1
 
     t2 = time.time()
     jobs = stage2_jobs(root, info, preset, split, datasets)
-    failed, reused = execute(jobs, n_jobs, "stage 2")
+    failed, reused = execute(jobs, n_jobs, "stage 2") if not report_only else ([], len(jobs))
+    timings["report_only"] = report_only
     timings["stage2_s"] = time.time() - t2
     timings["stage2_runs"], timings["stage2_reused"] = len(jobs), reused
     if failed:
@@ -346,10 +351,17 @@ def run_grid(preset_name: str, split: str = "test", n_jobs: int = 2, out: Path |
                           rows, B=preset.bootstrap)
     timings["report_s"] = time.time() - t3
     timings["total_s"] = time.time() - t0
+    # every call's timings are kept, so a report regenerated later (all runs reused) still shows the wall
+    # time of the call that did the work
+    history = []
+    if (out / "grid.json").is_file():
+        old = json.loads((out / "grid.json").read_text())
+        history = old.get("history") or [{**old["timings"], "when": "an earlier call"}]
+    history.append({**timings, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0))})
     summary = {"preset": preset_name, "split": split, "datasets": datasets, "rows": rows,
-               "shots": list(preset.shots), "seeds": list(preset.seeds), "timings": timings,
+               "shots": list(preset.shots), "seeds": list(preset.seeds), "timings": timings, "history": history,
                "zero_shot_pilot": info.get("zero_shot"), "report": str(out), "data": info}
-    (out / "grid.json").write_text(json.dumps(summary, indent=1, default=str))
+    atomic_write_text(out / "grid.json", json.dumps(summary, indent=1, default=str))
     markdown = (out / "table.md").read_text() + "\n" + "\n".join(f"- {x}" for x in report["sentences"])
     return {**summary, "markdown": markdown}
 
@@ -362,15 +374,21 @@ def doc_block(res: dict, command: str, figures_dir: Path | None = None, doc_dir:
     import platform
     import shutil
 
-    t = res["timings"]
     out = Path(res["report"])
+
+    def wall(t: dict) -> str:
+        if t.get("report_only"):
+            return f"report only, from the runs' results files ({t['total_s']:.0f} s)"
+        reused = t.get("stage2_reused", 0)
+        return (f"{t['total_s'] / 60:.1f} min (data and backbone {t['data_s']:.0f} s, stage 1 {t['stage1_s']:.0f} s, "
+                f"stage 2 {t['stage2_runs']} runs {t['stage2_s']:.0f} s" + (f", {reused} of them reused" if reused else "")
+                + f", report {t['report_s']:.0f} s)")
+
+    calls = res.get("history") or [res["timings"]]
     lines = [f"Command: `{command}`  ", f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores "
              f"({platform.processor() or 'unknown CPU'}), {platform.system()}; date {dt.date.today()}  ",
-             f"Wall time: {t['total_s'] / 60:.1f} min (data and backbone {t['data_s']:.0f} s, stage 1 "
-             f"{t['stage1_s']:.0f} s, stage 2 {t['stage2_runs']} runs {t['stage2_s']:.0f} s, report "
-             f"{t['report_s']:.0f} s)" + (f"; {t['stage2_reused']} stage-2 runs were already done by an earlier "
-                                          "call and are not in these times" if t.get("stage2_reused") else "")
-             + "  ",
+             "Wall time: " + "; ".join(f"{c.get('when', 'this call')}: {wall(c)}" for c in calls)
+             + " (a call reuses every run an earlier one finished)  ",
              f"Grid: {len(res['datasets'])} datasets ({', '.join(res['datasets'])}), {len(res['rows'])} rows, "
              f"shots {res['shots']}, seeds {res['seeds']}, evaluated on the {res['split']} split", ""]
     zs = (res.get("zero_shot_pilot") or {}).get("val", {})  # fractions, measured by pipeline.suite.data
@@ -397,8 +415,6 @@ def doc_block(res: dict, command: str, figures_dir: Path | None = None, doc_dir:
 def write_doc_block(doc: Path, name: str, body: str) -> None:
     """Replace the block between ``<!-- suite:NAME -->`` and ``<!-- /suite:NAME -->`` in ``doc`` (appended
     when missing); the prose around it is left alone."""
-    from pipeline.fileio import atomic_write_text
-
     start, end = f"<!-- suite:{name} -->", f"<!-- /suite:{name} -->"
     text = doc.read_text() if doc.is_file() else ""
     block = f"{start}\n{body}{end}"
@@ -420,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="evaluate on test (the final run) or val (choosing hyperparameters)")
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel, one process and one thread each")
     ap.add_argument("--root", default="", help="folder of the runs (default runs/suite/<preset>)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="run nothing; rebuild the report (and --doc block) from the results already there")
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                     help="extra overrides of every stage-2 run (e.g. optim.lr=0.02 when choosing settings)")
     ap.add_argument("--doc", default="", help="also write the results into the <!-- suite:<preset> --> block "
@@ -427,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     preset = PRESETS[args.preset]
     preset = dataclasses.replace(preset, stage2=(*preset.stage2, *args.set))
-    res = run_grid(args.preset, args.split, args.jobs, root=Path(args.root) if args.root else None, preset=preset)
+    res = run_grid(args.preset, args.split, args.jobs, root=Path(args.root) if args.root else None, preset=preset,
+                   report_only=args.report_only)
     print(res["markdown"])
     if args.doc:
         doc = Path(args.doc)
