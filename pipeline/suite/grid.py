@@ -97,6 +97,8 @@ PAIRS = (
     ("prometar_s1_matched", "prometar_s1_clean"), ("prometar_s1_matched", "prometar_s1_multitask"),
     ("prometar_s1_frozen_reg", "prometar_s1_matched"), ("prometar_s1_prompts", "prometar_s1_matched"),
     ("prometar_s1_matched", "ivlp"),
+    # added after the first full report: the best stage-1 row against the best row without stage 1
+    ("prometar_s1_matched", "promptsrc_lite"),
 )
 """(a, b) pairs whose paired difference a - b the report states (each method vs IVLP and vs ProMetaR;
 stage 1 matched vs clean-only vs none; the controls)."""
@@ -384,11 +386,19 @@ def doc_block(res: dict, command: str, figures_dir: Path | None = None, doc_dir:
                 f"stage 2 {t['stage2_runs']} runs {t['stage2_s']:.0f} s" + (f", {reused} of them reused" if reused else "")
                 + f", report {t['report_s']:.0f} s)")
 
+    cpu = platform.processor()
+    if Path("/proc/cpuinfo").is_file():  # platform.processor() is empty on most Linux machines
+        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                 if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
     calls = res.get("history") or [res["timings"]]
     lines = [f"Command: `{command}`  ", f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores "
-             f"({platform.processor() or 'unknown CPU'}), {platform.system()}; date {dt.date.today()}  ",
-             "Wall time: " + "; ".join(f"{c.get('when', 'this call')}: {wall(c)}" for c in calls)
-             + " (a call reuses every run an earlier one finished)  ",
+             f"({cpu or 'unknown CPU'}), {platform.system()}; date {dt.date.today()}  ",
+             "Wall time: " + "; ".join(f"{c.get('when', 'this call')}: {wall(c)}"
+                                       for c in calls if not c.get("report_only"))
+             + " (a call reuses every run an earlier one finished)"
+             + (f"; this block was rebuilt from the results files ({calls[-1].get('when', 'now')})"
+                if calls[-1].get("report_only") else "") + "  ",
              f"Grid: {len(res['datasets'])} datasets ({', '.join(res['datasets'])}), {len(res['rows'])} rows, "
              f"shots {res['shots']}, seeds {res['seeds']}, evaluated on the {res['split']} split", ""]
     zs = (res.get("zero_shot_pilot") or {}).get("val", {})  # fractions, measured by pipeline.suite.data
