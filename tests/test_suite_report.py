@@ -72,7 +72,7 @@ def test_tables_show_every_method_in_order_with_intervals(result):
         ["| ref", "| better", "| noise", "| other_images"]
     avg = res["shots"]["8-shot"]["summaries"]["better"]["average"]["hm"]
     assert f"{avg['mean']:.1f} [{avg['low']:.1f}, {avg['high']:.1f}]" in section
-    assert "Methods not run: absent." in md and "(test images: base 300, new 300)" in md
+    assert "Methods not run: absent." in md and "(held-out images: base 300, new 300)" in md
 
 
 def test_sentences_state_the_numbers_and_verdicts(result):
