@@ -266,14 +266,18 @@ def parse_results(r) -> dict:
     return row
 
 
-def read_results(path: Path) -> dict:
-    """The report row of one ``results.json`` file; :class:`MalformedResults` names what is wrong."""
+def read_results_json(path: Path):
+    """The parsed content of one ``results.json`` file; :class:`MalformedResults` names what is wrong."""
     try:
-        r = json.loads(path.read_bytes().decode("utf-8"))
+        return json.loads(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as e:
         raise MalformedResults(f"not UTF-8 text ({e.reason})") from None
     except json.JSONDecodeError as e:  # truncated by a killed writer, or edited by hand
         raise MalformedResults(f"invalid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
     except OSError as e:
         raise MalformedResults(f"unreadable ({e.strerror or e})") from None
-    return {**parse_results(r), "run_dir": str(path.parent)}
+
+
+def read_results(path: Path) -> dict:
+    """The report row of one ``results.json`` file; :class:`MalformedResults` names what is wrong."""
+    return {**parse_results(read_results_json(path)), "run_dir": str(path.parent)}

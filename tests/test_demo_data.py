@@ -99,7 +99,7 @@ def test_cached_backbone_is_reused_and_stale_cache_retrains(tmp_path, monkeypatc
     import pipeline.digits_demo.data as demo_mod
 
     calls = []
-    monkeypatch.setattr(demo_mod.subprocess, "run", lambda cmd, check: calls.append(cmd))
+    monkeypatch.setattr(demo_mod.subprocess, "run", lambda cmd, check, **kw: calls.append(cmd))
     monkeypatch.setattr(demo_mod, "build_shards", lambda cfg: "x/{000000..000001}.tar")
     monkeypatch.setattr(demo_mod, "export_backbone", lambda ckpt, out: Path(out).write_bytes(b"w"))
     cfg = DemoConfig(cache_dir=str(tmp_path))

@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,26 +178,39 @@ def export_backbone(checkpoint: str | Path, out: str | Path) -> Path:
     return atomic_write(out, lambda f: torch.save(sd, f))
 
 
-def train_backbone(cfg: DemoConfig, force: bool = False) -> tuple[Path, float]:
-    """Train (or reuse) ``<cache>/backbone.pt``; returns (path, training seconds, 0 when cached)."""
+def train_cached_backbone(cfg: DemoConfig, spec: str, inputs: Callable[[], tuple[str, int]], record: dict,
+                          force: bool = False, env: dict[str, str] | None = None) -> tuple[Path, float]:
+    """Train ``<cfg.cache_dir>/backbone.pt`` with open_clip_train unless ``backbone.json`` records ``spec``;
+    returns (path, training seconds, 0 when cached).
+
+    ``inputs()`` returns the training shards' URL pattern and sample count; it is only called when training.
+    ``record`` is stored in the manifest next to the spec, the training time and the sample count. Shared by the digits demo
+    and the suite (:mod:`pipeline.suite.data`)."""
     cache = Path(cfg.cache_dir)
     out, manifest = cache / "backbone.pt", cache / "backbone.json"
-    spec = _train_spec(cfg)
     if not force and out.is_file() and manifest.is_file() and json.loads(manifest.read_text())["spec"] == spec:
         return out, 0.0
-    urls = build_shards(cfg)
-    n_samples = sum(json.loads((cache / "shards" / "sizes.json").read_text()).values())
+    urls, n_samples = inputs()
     logs = cache / "open_clip_logs"
     shutil.rmtree(logs / "demo", ignore_errors=True)  # open_clip_train refuses an existing run name
     t0 = time.time()
     cmd = [sys.executable, "-m", "pipeline.digits_demo.data", "open-clip-train",
            *open_clip_train_args(cfg, urls, n_samples, logs)]
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, env=env)
     seconds = time.time() - t0
     export_backbone(logs / "demo" / "checkpoints" / f"epoch_{cfg.epochs}.pt", out)
-    atomic_write_json(manifest, {"spec": spec, "config": dataclasses.asdict(cfg), "train_seconds": seconds},
+    atomic_write_json(manifest, {"spec": spec, **record, "train_seconds": seconds, "n_samples": n_samples},
                       indent=None)
     return out, seconds
+
+
+def train_backbone(cfg: DemoConfig, force: bool = False) -> tuple[Path, float]:
+    """Train (or reuse) ``<cache>/backbone.pt``; returns (path, training seconds, 0 when cached)."""
+    def inputs() -> tuple[str, int]:
+        urls = build_shards(cfg)
+        return urls, sum(json.loads((Path(cfg.cache_dir) / "shards" / "sizes.json").read_text()).values())
+
+    return train_cached_backbone(cfg, _train_spec(cfg), inputs, {"config": dataclasses.asdict(cfg)}, force)
 
 
 @torch.no_grad()

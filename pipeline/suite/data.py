@@ -42,8 +42,6 @@ import logging
 import os
 import random
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,7 +53,7 @@ from PIL import Image
 from pipeline.data.datasets_meta import get_info
 from pipeline.data.fewshot import Datum, classnames_of, load_splits, subsample_classes, write_split_file
 from pipeline.data.shard_writer import Pair, write_shards
-from pipeline.digits_demo.data import DemoConfig, digit_images, export_backbone, open_clip_train_args
+from pipeline.digits_demo.data import DemoConfig, digit_images, train_cached_backbone
 from pipeline.fileio import atomic_write_json
 from pipeline.suite import glyphs
 from pipeline.suite.styles import Style, apply_style, check_style
@@ -445,26 +443,15 @@ def _demo_cfg(cfg: SuiteDataConfig) -> DemoConfig:
 
 def train_backbone(cfg: SuiteDataConfig, fashion: bool, force: bool = False) -> tuple[Path, float]:
     """Train (or reuse) ``<cache>/backbone.pt`` on the corpus; returns (path, training seconds, 0 cached)."""
-    cache = Path(cfg.cache_dir)
-    out, manifest = cache / "backbone.pt", cache / "backbone.json"
-    urls = build_corpus(cfg, fashion)
     spec = _spec(cfg, ("arch", "epochs", "batch_size", "lr", "warmup", "workers", "seed"),
                  {"corpus": _corpus_spec(cfg, fashion)})
-    if not force and out.is_file() and manifest.is_file() and json.loads(manifest.read_text())["spec"] == spec:
-        return out, 0.0
-    n_samples = sum(json.loads((cache / "corpus" / "sizes.json").read_text()).values())
-    logs = cache / "open_clip_logs"
-    shutil.rmtree(logs / "demo", ignore_errors=True)  # open_clip_train refuses an existing run name
-    t0 = time.time()
-    cmd = [sys.executable, "-m", "pipeline.digits_demo.data", "open-clip-train",
-           *open_clip_train_args(_demo_cfg(cfg), urls, n_samples, logs)]
+
+    def inputs() -> tuple[str, int]:
+        urls = build_corpus(cfg, fashion)
+        return urls, sum(json.loads((Path(cfg.cache_dir) / "corpus" / "sizes.json").read_text()).values())
+
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    subprocess.run(cmd, check=True, env=env)
-    seconds = time.time() - t0
-    export_backbone(logs / "demo" / "checkpoints" / f"epoch_{cfg.epochs}.pt", out)
-    atomic_write_json(manifest, {"spec": spec, "config": dataclasses.asdict(cfg), "train_seconds": seconds,
-                                 "n_samples": n_samples}, indent=None)
-    return out, seconds
+    return train_cached_backbone(_demo_cfg(cfg), spec, inputs, {"config": dataclasses.asdict(cfg)}, force, env)
 
 
 def zero_shot_table(cfg: SuiteDataConfig, backbone, names: list[str], split: str = "val") -> dict[str, dict]:

@@ -23,7 +23,6 @@ and ``W @ hits.T`` gives every seed's resampled accuracy for every method at onc
 
 from __future__ import annotations
 
-import json
 import sys
 import zlib
 from collections.abc import Iterator, Sequence
@@ -33,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import ConfigError
-from pipeline.evaluation import RESULTS_FILE, MalformedResults, parse_results
+from pipeline.evaluation import RESULTS_FILE, MalformedResults, parse_results, read_results_json
 
 SUBSETS = ("base", "new")
 """The class subsets the statistics cover."""
@@ -136,10 +135,7 @@ def parse_hits(value, where: str) -> tuple[np.ndarray, str] | None:
 
 def read_run(path: Path) -> Run:
     """One :class:`Run` from a ``results.json``; :class:`MalformedResults` says why it is unusable."""
-    try:
-        raw = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, OSError) as e:
-        raise MalformedResults(f"unreadable or invalid JSON ({type(e).__name__}: {e})") from None
+    raw = read_results_json(path)  # the same reading and error messages as pipeline.report
     row = parse_results(raw)
     hits, shas = {}, {}
     for s in SUBSETS:
