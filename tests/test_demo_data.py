@@ -129,6 +129,28 @@ def test_open_clip_train_accepts_our_arguments_and_reads_our_shards(demo):
     assert images.shape == (64, 3, 32, 32) and texts.shape == (64, 16)
 
 
+def test_open_clip_train_sample_order_follows_the_seed(demo):
+    """open_clip_train's sample shuffle is seeded from the DataLoader worker seed once patched: the same
+    torch seed gives the same batches (webdataset alone seeds it from pid and clock), another seed others."""
+    from argparse import Namespace
+
+    from open_clip_train.data import get_wds_dataset
+
+    patch_open_clip_train_wds()
+    bb = load_backbone(BackboneConfig(arch=demo.arch, pretrained=""))
+    ns = Namespace(train_data=build_shards(demo), val_data=None, dataset_resampled=False, train_num_samples=256,
+                   train_data_upsampling_factors=None, seed=0, batch_size=64, workers=1, world_size=1)
+
+    def first_texts(seed):
+        torch.manual_seed(seed)  # open_clip_train seeds torch from --seed; the worker seed derives from it
+        info = get_wds_dataset(ns, bb.preprocess_train, is_train=True, tokenizer=bb.tokenizer)
+        return next(iter(info.dataloader))[1]
+
+    a, b, c = first_texts(0), first_texts(0), first_texts(1)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
 @pytest.mark.slow
 def test_demo_backbone_zero_shot_is_well_above_chance(tmp_path):
     result = build_demo(DemoConfig(cache_dir=str(tmp_path)))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import random
@@ -249,21 +250,37 @@ def build_demo(cfg: DemoConfig | None = None, force: bool = False) -> dict:
 
 
 def patch_open_clip_train_wds() -> None:
-    """Make open_clip_train's training loader work with webdataset 1.0.
+    """Make open_clip_train's training loader work with webdataset 1.0, and reproducible.
 
-    webdataset 1.0's ``tar_file_expander`` yields an empty dict after every shard (an end-of-shard
-    marker); open_clip_train 3.3's ``group_by_keys_nothrow`` indexes it and dies with
-    ``KeyError: 'fname'`` on the first shard. Asking the expander for no marker restores the stream it
-    expects. Only the module attribute that ``get_wds_dataset`` looks up at call time is replaced.
+    1. webdataset 1.0's ``tar_file_expander`` yields an empty dict after every shard (an end-of-shard
+       marker); open_clip_train 3.3's ``group_by_keys_nothrow`` indexes it and dies with
+       ``KeyError: 'fname'`` on the first shard. Asking the expander for no marker restores the stream
+       it expects. Only the module attribute that ``get_wds_dataset`` looks up at call time is replaced.
+    2. open_clip_train's sample shuffle buffer is ``wds.shuffle(bufsize, initial)`` without a seed, and
+       webdataset then seeds it from the process id and the clock: the order of the samples, hence the
+       trained backbone, changed from run to run with the same ``--seed``. The shuffle is seeded instead
+       from the DataLoader worker's seed (which open_clip_train derives from ``--seed``) and the number of
+       times the worker has started it (one per epoch), so the same arguments train the same weights.
+       Meant for the ``open-clip-train`` sub-command's own process: it replaces ``webdataset.shuffle``.
     """
     import open_clip_train.data as ocd
+    from webdataset.filters import _shuffle
     from webdataset.tariterators import tar_file_expander, url_opener
 
     def tarfile_to_samples_nothrow(src, handler=ocd.log_and_continue):
         files = tar_file_expander(url_opener(src, handler=handler), handler=handler, eof_value=None)
         return ocd.group_by_keys_nothrow(files, handler=handler)
 
+    starts = itertools.count()
+
+    def seeded_shuffle(bufsize=1000, initial=100):
+        def stage(src):  # runs in the worker, each time an epoch's iteration starts
+            rng = random.Random(f"{ocd.pytorch_worker_seed()}-{next(starts)}")
+            return _shuffle(src, bufsize, initial, rng=rng)
+        return stage
+
     ocd.tarfile_to_samples_nothrow = tarfile_to_samples_nothrow
+    ocd.wds.shuffle = seeded_shuffle
 
 
 def main(argv: list[str] | None = None) -> int:
