@@ -5,8 +5,9 @@ batch 4, IVLP 4+4 tokens at depth 9, random weights), one fresh subprocess per (
 under an address-space limit (``--memory-limit-gib``, as ``ulimit -v``) so a size that does not fit ends
 that subprocess with an out-of-memory error instead of taking the machine down. Per run: a warm-up
 iteration (it fills the per-class-name frozen text cache, as the first iteration of a training run
-does), then one timed iteration, then one iteration under ``torch.utils.flop_counter``. Peak memory: on
-CUDA ``torch.cuda.max_memory_allocated``; on the CPU the resident set size polled during the timed
+does), then one timed iteration, then one iteration under ``torch.utils.flop_counter`` (on the math
+attention backend, whose attention it can count). Peak memory: on CUDA
+``torch.cuda.max_memory_allocated``; on the CPU the resident set size polled during the timed
 iteration, over its value just before it (glibc's mmap threshold lowered so freed tensors leave the
 resident set), plus the process's ``ru_maxrss``.
 
@@ -91,8 +92,11 @@ def measure_one(args) -> dict:
         else:
             out["peak_over_idle_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
         if not args.no_flops:
+            # counted on the math backend, as bench_meta counts: the counter has no formula for the CPU
+            # flash kernel the single-backward passes use, and would count their attention as 0 FLOP
+            counted = bench_meta.with_attention(fn, "math")
             with FlopCounterMode(display=False) as counter:
-                fn()
+                counted()
             out["gflop"] = counter.get_total_flops() / 1e9
     return out
 

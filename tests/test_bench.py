@@ -107,3 +107,45 @@ def test_label_bench_measures_both_variants_per_size():
         assert rows["8"]["gflop"] > rows["4"]["gflop"]  # more classes, more text-tower work
     assert result["rows"]["prometar"]["8"]["gflop"] > result["rows"]["plain"]["8"]["gflop"]
     assert set(result["growth"]) == {"plain", "prometar"}
+
+
+def test_profile_operator_classes():
+    import profile_meta
+
+    assert profile_meta.op_class("aten::mm") == "matmul"
+    assert profile_meta.op_class("aten.bmm.default") == "matmul"  # flop-counter spelling
+    assert profile_meta.op_class("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
+    assert profile_meta.op_class("aten::gelu_backward") == "elementwise & norms"
+    assert profile_meta.op_class("aten::native_layer_norm") == "elementwise & norms"
+    assert profile_meta.op_class("aten::copy_") == "copies & layout"
+    assert profile_meta.op_class("aten::view") == "dispatch"
+    assert profile_meta.op_class("ProfilerStep*") == "other"
+
+
+def test_profile_accounts_for_the_whole_iteration():
+    import profile_meta
+
+    result = profile_meta.run(["--classes", "6", "--threads", "1", "--top", "5"])
+    plain, meta = result["variants"]["plain"], result["variants"]["prometar"]
+    for r in (plain, meta):
+        classes = r["classes"]
+        # the classes split the profiled wall time (the remainder, Python and autograd, goes to "other")
+        assert sum(c["self_ms"] for c in classes.values()) == pytest.approx(r["wall_ms"], rel=0.05)
+        assert sum(c["gflop"] for c in classes.values()) == pytest.approx(r["gflop"])  # every counted op classified
+        assert classes["matmul"]["gflop"] > 0.8 * r["gflop"]  # a transformer's FLOPs are its matmuls
+        assert len(r["top"]) == 5 and r["top"][0]["self_ms"] >= r["top"][-1]["self_ms"]
+    assert meta["gflop"] > 2 * plain["gflop"]
+    table = profile_meta.markdown(result)
+    assert "| prometar | matmul |" in table and "Top operators of prometar" in table
+
+
+def test_attention_input_ab_times_both_modes():
+    import ab_attention_input
+
+    result = ab_attention_input.run(["--classes", "4", "--rounds", "2", "--variants", "plain"])
+    r = result["rows"]["plain"]
+    assert r["contiguous"]["min"] > 0 and r["strided"]["min"] > 0 and r["ratio"]["median"] > 0
+    import pipeline.prompts as prompts_mod
+
+    assert prompts_mod._ContiguousAttentionInput is ab_attention_input.MODES["contiguous"]  # restored after
+    assert "| plain |" in ab_attention_input.markdown(result)

@@ -278,3 +278,58 @@ def test_layer0_vision_prompts_go_through_ln_pre():
     assert d_img <= 1e-6 and d_logits <= 1e-6
     # the gradients are ~5e-3, so also relative: the old placement is off by ~80% of the gradient
     assert d_grad0 <= 1e-6 and d_grad <= 1e-6 and d_grad0 <= 1e-9 * scale
+
+
+class _CountBroadcastBmm(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts ``bmm`` calls whose second operand is broadcast over the batch (stride 0): a weight that
+    ``matmul`` expanded because it would not fold a strided input into one ``mm``."""
+
+    def __init__(self):
+        super().__init__()
+        self.broadcast = self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.bmm.default:
+            self.total += 1
+            self.broadcast += int(args[1].stride(0) == 0)
+        return func(*args, **(kwargs or {}))
+
+
+def _second_order_loss(model, prompts, create_graph=True):
+    ce = torch.nn.functional.cross_entropy
+    xs = _images(3, seed=1, dtype=torch.float64)
+    inner = ce(model.logits(xs, CLASSES, prompts), torch.tensor([0, 1, 2]))
+    grads = torch.autograd.grad(inner, list(prompts.values()), create_graph=create_graph)
+    adapted = {k: v - 0.5 * g for (k, v), g in zip(prompts.items(), grads)}
+    return ce(model.logits(_images(3, seed=2, dtype=torch.float64), CLASSES, adapted), torch.tensor([3, 2, 1]))
+
+
+def test_attention_projection_runs_as_one_mm_with_unchanged_results(monkeypatch):
+    """The self-attention input is made contiguous before open_clip's MultiheadAttention projects it
+    (pipeline.prompts._ContiguousAttentionInput): no projection runs as a bmm over a broadcast weight,
+    in the forward, the backward or the double backward; values and second-order gradients equal those
+    of the unmodified path (float64)."""
+    import contextlib
+
+    import pipeline.prompts as prompts_mod
+
+    bb = make_backbone("tiny-vit-s", precision="fp64", seed=3)
+    model = PromptedCLIP(bb, PromptConfig(type="ivlp", depth_text=3, depth_vision=3),
+                         generator=torch.Generator().manual_seed(0))
+
+    def run():
+        p0 = {k: v.detach().clone().requires_grad_(True) for k, v in model.initial_prompts().items()}
+        counter = _CountBroadcastBmm()
+        with counter:
+            loss = _second_order_loss(model, p0)
+            grads = torch.autograd.grad(loss, list(p0.values()))
+        return loss.detach(), grads, counter
+
+    loss, grads, counter = run()
+    assert counter.total > 0 and counter.broadcast == 0  # math attention still runs its own bmm
+    monkeypatch.setattr(prompts_mod, "_ContiguousAttentionInput", contextlib.nullcontext)
+    ref_loss, ref_grads, ref_counter = run()
+    assert ref_counter.broadcast > 0  # without it, matmul broadcasts the frozen projection weight
+    assert (loss - ref_loss).abs().item() <= 1e-12
+    for g, r in zip(grads, ref_grads):  # the same products summed in another order: float64 rounding
+        assert g.abs().max() > 0 and (g - r).abs().max().item() <= 1e-12 * r.abs().max().item()
