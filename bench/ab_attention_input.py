@@ -49,11 +49,14 @@ def run(argv: list[str]) -> dict:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--variants", default="plain,prometar")
     args = p.parse_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in bench_meta.VARIANTS]
+    if unknown or not variants:
+        p.error(f"--variants: unknown {unknown}; choose from {list(bench_meta.VARIANTS)}")
     torch.set_num_threads(args.threads)
     ns = argparse.Namespace(arch=args.arch, device="cpu", precision="fp32", autocast="no", batch=args.batch,
                             classes=args.classes)
     model, batch = bench_meta.build(ns)
-    variants = [v for v in args.variants.split(",") if v]
     fns = {(v, m): _in_mode(bench_meta.make_iteration(v, model, batch, ns), m) for v in variants for m in MODES}
     for fn in fns.values():
         fn()  # warm-up: frozen caches

@@ -149,3 +149,5 @@ def test_attention_input_ab_times_both_modes():
 
     assert prompts_mod._ContiguousAttentionInput is ab_attention_input.MODES["contiguous"]  # restored after
     assert "| plain |" in ab_attention_input.markdown(result)
+    with pytest.raises(SystemExit):  # an unknown variant is a usage error, before any model is built
+        ab_attention_input.run(["--variants", "plain,nope"])
