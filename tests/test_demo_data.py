@@ -149,6 +149,18 @@ def test_open_clip_train_sample_order_follows_the_seed(demo):
     a, b, c = first_texts(0), first_texts(0), first_texts(1)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+    # only open_clip_train's view of webdataset changes: webdataset.shuffle, which our shard reader calls
+    # with its own generator, stays webdataset's
+    import open_clip_train.data as ocd
+    import webdataset
+
+    from pipeline.digits_demo.data import _WorkerSeededShuffle
+
+    before = webdataset.shuffle
+    patch_open_clip_train_wds()  # idempotent
+    assert webdataset.shuffle is before
+    assert isinstance(ocd.wds.shuffle(10, 5), _WorkerSeededShuffle)
+    assert not isinstance(ocd.wds.shuffle(10, 5, seed=1), _WorkerSeededShuffle)  # a chosen seed is kept
 
 
 @pytest.mark.slow

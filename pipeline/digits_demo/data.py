@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import itertools
 import json
 import logging
 import random
@@ -261,26 +260,55 @@ def patch_open_clip_train_wds() -> None:
        trained backbone, changed from run to run with the same ``--seed``. The shuffle is seeded instead
        from the DataLoader worker's seed (which open_clip_train derives from ``--seed``) and the number of
        times the worker has started it (one per epoch), so the same arguments train the same weights.
-       Meant for the ``open-clip-train`` sub-command's own process: it replaces ``webdataset.shuffle``.
+       Only open_clip_train's own reference to webdataset is redirected (``open_clip_train.data.wds``);
+       ``webdataset.shuffle`` itself, which our shard reader uses with its own generator, is untouched.
+
+    Idempotent.
     """
     import open_clip_train.data as ocd
-    from webdataset.filters import _shuffle
+    import webdataset
     from webdataset.tariterators import tar_file_expander, url_opener
 
     def tarfile_to_samples_nothrow(src, handler=ocd.log_and_continue):
         files = tar_file_expander(url_opener(src, handler=handler), handler=handler, eof_value=None)
         return ocd.group_by_keys_nothrow(files, handler=handler)
 
-    starts = itertools.count()
-
-    def seeded_shuffle(bufsize=1000, initial=100):
-        def stage(src):  # runs in the worker, each time an epoch's iteration starts
-            rng = random.Random(f"{ocd.pytorch_worker_seed()}-{next(starts)}")
-            return _shuffle(src, bufsize, initial, rng=rng)
-        return stage
-
     ocd.tarfile_to_samples_nothrow = tarfile_to_samples_nothrow
-    ocd.wds.shuffle = seeded_shuffle
+    ocd.wds = _WebdatasetSeededShuffle(webdataset)
+
+
+class _WebdatasetSeededShuffle:
+    """``webdataset`` as open_clip_train.data sees it once patched: every attribute is webdataset's, except
+    ``shuffle`` without a seed or generator, which becomes a :class:`_WorkerSeededShuffle`
+    (:func:`patch_open_clip_train_wds`)."""
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+    def shuffle(self, bufsize=1000, initial=100, rng=None, seed=None, **kwargs):
+        if rng is not None or seed is not None:  # the caller chose its randomness: leave it alone
+            return self._module.shuffle(bufsize, initial, rng=rng, seed=seed, **kwargs)
+        return _WorkerSeededShuffle(bufsize, initial, kwargs)
+
+
+class _WorkerSeededShuffle:
+    """A webdataset pipeline stage: a shuffle buffer seeded from the DataLoader worker's seed and the number
+    of times this worker has started it (one per epoch). A plain object, so workers may be spawned."""
+
+    def __init__(self, bufsize: int, initial: int, kwargs: dict):
+        self.bufsize, self.initial, self.kwargs = bufsize, initial, kwargs
+        self.starts = 0
+
+    def __call__(self, src):
+        import open_clip_train.data as ocd
+        from webdataset.filters import _shuffle
+
+        generator = random.Random(f"{ocd.pytorch_worker_seed()}-{self.starts}")
+        self.starts += 1
+        return _shuffle(src, self.bufsize, self.initial, rng=generator, **self.kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:
