@@ -68,3 +68,13 @@ def test_every_test_named_in_reliability_doc_exists():
     for path, name in sorted(named):
         source = (ROOT / path).read_text()
         assert re.search(rf"^def {name}\(", source, flags=re.M), f"RELIABILITY.md names {path}::{name}, which does not exist"
+
+
+def test_bench_scripts_in_readme_exist_and_answer_help():
+    readme = (ROOT / "README.md").read_text()
+    scripts = sorted(set(re.findall(r"bench/[a-z_]+\.py", readme)))
+    assert "bench/profile_meta.py" in scripts and "bench/run_all.py" in scripts
+    for script in scripts:
+        out = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True)
+        assert out.returncode == 0 and "usage" in out.stdout, (script, out.stderr[-500:])
+
