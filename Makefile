@@ -46,7 +46,7 @@ digits-demo: $(STAMP)
 demo-pretrain: $(STAMP)
 	$(VENV)/bin/accelerate launch --config_file launch/accelerate/cpu_1proc.yaml pipeline/pretrain.py
 
-# Every benchmark; writes its figures into docs/BENCHMARKS.md (~25 min on 2 cores; BENCH_ARGS=--quick).
+# Every benchmark; writes its figures into docs/BENCHMARKS.md (~45 min on 2 cores, 19 of them the label-space scaling; BENCH_ARGS=--quick).
 bench: $(STAMP)
 	$(PY) bench/run_all.py $(BENCH_ARGS)
 

@@ -5,7 +5,7 @@ table; the table, the exact command, the machine and the date replace the block 
 ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->`` in the document (a missing block is appended at
 the end). Prose around the blocks is written by hand and left alone.
 
-    python bench/run_all.py                 # everything that this machine can run (~20 min on 2 cores)
+    python bench/run_all.py                 # everything that this machine can run (~45 min on 2 cores)
     python bench/run_all.py --quick         # small sizes, a few minutes (checks the machinery)
     python bench/run_all.py --only meta-50,reader
     python bench/run_all.py --list
