@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # pipeline.tracking, for the machine line
 DOC = ROOT / "docs" / "BENCHMARKS.md"
 
 
@@ -90,12 +91,10 @@ BENCHES: dict[str, Bench] = {
 
 def machine() -> str:
     """CPU model, cores, memory, GPU and library versions of this machine, in one line."""
-    cpu = platform.processor() or platform.machine()
+    from pipeline.tracking import cpu_model  # imports torch: only when a benchmark has run
+
+    cpu = cpu_model() or platform.machine()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
         mem = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
     except OSError:
         mem = float("nan")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import platform
 import secrets
 import string
 import sys
@@ -77,6 +78,18 @@ class TrackingConfig:
         for tag in self.tags:
             if not tag or len(tag) > 64:
                 raise ConfigError(f"tracking.tags: {tag!r} must have 1 to 64 characters")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, where ``platform.processor()`` is usually empty);
+    ``platform.processor()`` elsewhere, ``""`` when neither knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def _new_run_id() -> str:

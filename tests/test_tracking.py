@@ -127,3 +127,15 @@ def test_progress_only_on_main_rank_and_tty(monkeypatch):
     bar = progress(range(3), is_main=True, desc="x")  # a terminal: shown without force
     assert not bar.disable
     bar.close()
+
+
+def test_cpu_model_names_the_cpu():
+    import platform
+
+    from pipeline.tracking import cpu_model
+
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    if "model name" in info:  # Linux: the model name, which platform.processor() usually leaves empty
+        assert cpu_model() and f": {cpu_model()}" in info
+    else:
+        assert cpu_model() == platform.processor()

@@ -38,7 +38,7 @@ from PIL import Image
 from pipeline.backbone import load_backbone
 from pipeline.config import BackboneConfig
 from pipeline.data.fewshot import Datum, read_split_file, write_split_file
-from pipeline.data.shard_writer import Pair, write_shards
+from pipeline.data.shard_writer import Pair, read_shard_index, write_shards
 from pipeline.fileio import atomic_write, atomic_write_json
 
 
@@ -148,7 +148,7 @@ def build_shards(cfg: DemoConfig) -> str:
         train = read_split_file(build_fewshot_set(cfg), Path(cfg.cache_dir) / "digits" / "images")["train"]
         # the folder is the demo's own cache: a build killed before sizes.json (written last) is redone
         write_shards(caption_pairs(cfg, train), out, cfg.samples_per_shard, overwrite=True)
-    n = len(json.loads((out / "sizes.json").read_text()))
+    n = len(read_shard_index(out))
     return str(out / f"{{000000..{n - 1:06d}}}.tar")
 
 
@@ -208,7 +208,7 @@ def train_backbone(cfg: DemoConfig, force: bool = False) -> tuple[Path, float]:
     """Train (or reuse) ``<cache>/backbone.pt``; returns (path, training seconds, 0 when cached)."""
     def inputs() -> tuple[str, int]:
         urls = build_shards(cfg)
-        return urls, sum(json.loads((Path(cfg.cache_dir) / "shards" / "sizes.json").read_text()).values())
+        return urls, sum(read_shard_index(Path(cfg.cache_dir) / "shards").values())
 
     return train_cached_backbone(cfg, _train_spec(cfg), inputs, {"config": dataclasses.asdict(cfg)}, force)
 

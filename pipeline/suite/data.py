@@ -52,7 +52,7 @@ from PIL import Image
 
 from pipeline.data.datasets_meta import get_info
 from pipeline.data.fewshot import Datum, classnames_of, load_splits, subsample_classes, write_split_file
-from pipeline.data.shard_writer import Pair, write_shards
+from pipeline.data.shard_writer import Pair, read_shard_index, write_shards
 from pipeline.digits_demo.data import DemoConfig, digit_images, train_cached_backbone
 from pipeline.fileio import atomic_write_json
 from pipeline.suite import glyphs
@@ -404,7 +404,7 @@ def _write_corpus(folder: Path, pairs_fn: Callable[[], list[Pair]], cfg: SuiteDa
             raise RuntimeError(f"{d}: shard writer skipped samples: {report.skipped}")
 
     _cached(folder, spec, build)
-    n = len(json.loads((folder / "sizes.json").read_text()))
+    n = len(read_shard_index(folder))
     return str(folder / f"{{000000..{n - 1:06d}}}.tar")
 
 
@@ -448,7 +448,7 @@ def train_backbone(cfg: SuiteDataConfig, fashion: bool, force: bool = False) -> 
 
     def inputs() -> tuple[str, int]:
         urls = build_corpus(cfg, fashion)
-        return urls, sum(json.loads((Path(cfg.cache_dir) / "corpus" / "sizes.json").read_text()).values())
+        return urls, sum(read_shard_index(Path(cfg.cache_dir) / "corpus").values())
 
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     return train_cached_backbone(_demo_cfg(cfg), spec, inputs, {"config": dataclasses.asdict(cfg)}, force, env)
@@ -510,7 +510,7 @@ def build_suite_data(cfg: SuiteDataConfig | None = None, force: bool = False,
         datasets[name] = {"dataset": name, "root": cfg.cache_dir, "split_file": str(path),
                           "template": get_info(name).template, "n_classes": len(classes),
                           "base": classes[:m], "new": classes[m:], "style": [list(x) for x in _style_of(cfg, name)]}
-    corpus_n = sum(json.loads((Path(cfg.cache_dir) / "corpus" / "sizes.json").read_text()).values())
+    corpus_n = sum(read_shard_index(Path(cfg.cache_dir) / "corpus").values())
     return {"backbone": str(ckpt), "arch": cfg.arch, "corpus": corpus, "corpus_samples": corpus_n,
             "datasets": datasets, "stage1": stage1, "stage1_concepts": concepts["stage1"],
             "fashion": fashion, "fashion_dir": cfg.fashion_dir,

@@ -29,6 +29,7 @@ from pipeline import cluster, extract
 from pipeline.config import ConfigError, load_config
 from pipeline.fileio import atomic_write_text
 from pipeline.suite.data import SuiteDataConfig, build_suite_data
+from pipeline.tracking import cpu_model
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -386,11 +387,7 @@ def doc_block(res: dict, command: str, figures_dir: Path | None = None, doc_dir:
                 f"stage 2 {t['stage2_runs']} runs {t['stage2_s']:.0f} s" + (f", {reused} of them reused" if reused else "")
                 + f", report {t['report_s']:.0f} s)")
 
-    cpu = platform.processor()
-    if Path("/proc/cpuinfo").is_file():  # platform.processor() is empty on most Linux machines
-        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                 if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
+    cpu = cpu_model()
     calls = res.get("history") or [res["timings"]]
     lines = [f"Command: `{command}`  ", f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores "
              f"({cpu or 'unknown CPU'}), {platform.system()}; date {dt.date.today()}  ",
